@@ -1,0 +1,227 @@
+"""The config schema (types only: values live in configs/) and the checks Hydra's typing cannot do."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+CONFIG_MODULE = "snn_train.conf"
+
+
+class ConfigError(ValueError):
+    """A config value that composes but cannot work; the message says what to change."""
+
+
+@dataclass
+class LIFConfig:
+    dt: float = MISSING
+    tau_syn_inv: float = MISSING
+    tau_mem_inv: float = MISSING
+    v_leak: float = MISSING
+    v_th: float = MISSING
+    v_reset: float = MISSING
+    alpha: float = MISSING
+
+
+@dataclass
+class ReadoutConfig:
+    tau_syn_inv: float = MISSING
+    tau_mem_inv: float = MISSING
+    v_leak: float = MISSING
+
+
+@dataclass
+class ModelConfig:
+    surrogate: str = MISSING
+    conv_channels: list[int] = MISSING
+    kernel_sizes: list[int] = MISSING
+    conv_scales: list[float] = MISSING
+    pool_size: int = MISSING
+    fc_features: list[int] = MISSING
+    num_classes: int = MISSING
+    readout_bias: bool = MISSING
+    lif: LIFConfig = field(default_factory=LIFConfig)
+    readout: ReadoutConfig = field(default_factory=ReadoutConfig)
+
+
+@dataclass
+class DirectEncoderConfig:
+    name: str = MISSING
+    input_scale: float = MISSING
+
+
+@dataclass
+class LatencyEncoderConfig(DirectEncoderConfig):
+    pass
+
+
+@dataclass
+class PoissonEncoderConfig(DirectEncoderConfig):
+    f_max: float = MISSING
+    dt: float = MISSING
+
+
+@dataclass
+class ConstantCurrentEncoderConfig(DirectEncoderConfig):
+    tau_mem_inv: float = MISSING
+    v_leak: float = MISSING
+    v_th: float = MISSING
+    v_reset: float = MISSING
+    dt: float = MISSING
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    root: str = MISSING
+    download: bool = MISSING
+
+
+@dataclass
+class OptimConfig:
+    name: str = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    momentum: float = MISSING
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    seed: int = MISSING
+    device: str = MISSING
+    grad_clip: Optional[float] = MISSING
+    limit_batches: Optional[int] = MISSING
+
+
+@dataclass
+class LogConfig:
+    every_n_steps: int = MISSING
+    histogram_every_n_steps: int = MISSING
+    progress_bar: bool = MISSING
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    encoder: Any = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seq_length: int = MISSING
+    decoder: str = MISSING
+    scheduler: str = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def register_schema() -> None:
+    """Put the schema where configs/config.yaml and configs/encoder/*.yaml find it."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    cs.store(group="schema/encoder", name="direct", node=DirectEncoderConfig)
+    cs.store(group="schema/encoder", name="latency", node=LatencyEncoderConfig)
+    cs.store(group="schema/encoder", name="poisson", node=PoissonEncoderConfig)
+    cs.store(group="schema/encoder", name="constant_current", node=ConstantCurrentEncoderConfig)
+
+
+register_schema()
+
+DECODERS = ("max", "mean", "last")
+SCHEDULERS = ("none", "cosine")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SURROGATES = ("super", "tanh", "triangle", "circ", "erfc", "atan")
+ENCODERS = ("direct", "poisson", "latency", "constant_current")
+DATASETS = ("mnist", "fashion_mnist", "kmnist")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_positive(cfg: DictConfig, key: str, hint: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    _check(value is not None and value > 0, f"{key} must be > 0, got {value}; {hint}")
+
+
+def _check_choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> None:
+    value = OmegaConf.select(cfg, key)
+    _check(value in choices, f"{key}={value} is not one of {', '.join(choices)}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is cuda when a GPU is present, else cpu; anything else must exist on this machine."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"train.device={device} is not a device; use auto, cpu or cuda[:N]") from None
+    _check(resolved.type in ("cpu", "cuda"), f"train.device={device} is not supported; use auto, cpu or cuda[:N]")
+    if resolved.type == "cuda":
+        _check(torch.cuda.is_available(), f"train.device={device} but no CUDA GPU is available; use train.device=cpu or auto")
+        index = resolved.index or 0
+        count = torch.cuda.device_count()
+        _check(index < count, f"train.device={device} but only {count} GPU(s) are present")
+    return resolved
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first impossible value; types and key names are checked by Hydra."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    _check(not missing, f"missing config values: {', '.join(missing)}; set them on the command line (key=value)")
+    _check_positive(cfg, "seq_length", "the number of time steps T, e.g. seq_length=16")
+    _check_positive(cfg, "train.epochs", "e.g. train.epochs=1")
+    _check_positive(cfg, "train.batch_size", "e.g. train.batch_size=32")
+    _check_positive(cfg, "train.eval_batch_size", "e.g. train.eval_batch_size=256")
+    _check_positive(cfg, "optim.lr", "e.g. optim.lr=2e-3")
+    _check(cfg.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}")
+    _check(cfg.optim.momentum >= 0, f"optim.momentum must be >= 0, got {cfg.optim.momentum}")
+    if cfg.train.grad_clip is not None:
+        _check_positive(cfg, "train.grad_clip", "or train.grad_clip=null to turn clipping off")
+    if cfg.train.limit_batches is not None:
+        _check_positive(cfg, "train.limit_batches", "or train.limit_batches=null for whole epochs")
+    _check_positive(cfg, "log.every_n_steps", "e.g. log.every_n_steps=50")
+    _check_positive(cfg, "log.histogram_every_n_steps", "e.g. log.histogram_every_n_steps=500")
+    for key in ("dt", "tau_syn_inv", "tau_mem_inv", "alpha"):
+        _check_positive(cfg, f"model.lif.{key}", "time constants (as inverses), dt and alpha must be positive")
+    for key in ("tau_syn_inv", "tau_mem_inv"):
+        _check_positive(cfg, f"model.readout.{key}", "time constants (as inverses) must be positive")
+    lif = cfg.model.lif
+    _check(lif.v_th > lif.v_reset, f"model.lif.v_th ({lif.v_th}) must be above model.lif.v_reset ({lif.v_reset})")
+    _check(lif.dt * max(lif.tau_mem_inv, lif.tau_syn_inv) <= 1, "model.lif.dt·tau_*_inv must be <= 1 for a stable Euler step")
+    _check(
+        len(cfg.model.conv_channels) == len(cfg.model.kernel_sizes) == len(cfg.model.conv_scales),
+        "model.conv_channels, model.kernel_sizes and model.conv_scales need one entry per conv layer",
+    )
+    _check_positive(cfg, "model.pool_size", "e.g. model.pool_size=2")
+    _check_positive(cfg, "encoder.input_scale", "e.g. encoder.input_scale=1.0")
+    _check_choice(cfg, "model.surrogate", SURROGATES)
+    _check_choice(cfg, "encoder.name", ENCODERS)
+    _check_choice(cfg, "data.name", DATASETS)
+    _check_choice(cfg, "optim.name", OPTIMIZERS)
+    _check_choice(cfg, "decoder", DECODERS)
+    _check_choice(cfg, "scheduler", SCHEDULERS)
+    if cfg.encoder.name == "poisson":
+        _check_positive(cfg, "encoder.f_max", "the maximum firing rate in Hz, e.g. encoder.f_max=1000")
+    if cfg.encoder.name in ("poisson", "constant_current"):
+        _check_positive(cfg, "encoder.dt", "e.g. encoder.dt=0.001")
+    if cfg.encoder.name == "constant_current":
+        _check_positive(cfg, "encoder.tau_mem_inv", "e.g. encoder.tau_mem_inv=100")
+        _check(cfg.encoder.v_th > cfg.encoder.v_reset, "encoder.v_th must be above encoder.v_reset")
+    resolve_device(cfg.train.device)
+
+
+def load_config(overrides: list[str] | None = None) -> DictConfig:
+    """Compose the packaged configs with command-line style overrides, as ``snn-train`` would, and validate."""
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides or [])
+    validate(cfg)
+    return cfg

@@ -1,0 +1,98 @@
+"""Datasets into memory once (uint8 on the training device), checked, and batched by index."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torchvision import datasets
+
+DATASET_CLASSES: dict[str, type[datasets.MNIST]] = {
+    "mnist": datasets.MNIST,
+    "fashion_mnist": datasets.FashionMNIST,
+    "kmnist": datasets.KMNIST,
+}
+NUM_CLASSES = 10
+IDX_UBYTE = 0x08
+
+
+class DataError(RuntimeError):
+    """A dataset that is missing or corrupt; the message names the file and the fix."""
+
+
+@dataclass
+class Split:
+    """One split in memory: images uint8 [N, H, W] and labels int64 [N]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
+
+
+def check_idx_file(path: Path, ndim: int) -> int:
+    """Check an IDX file's header against its size; return its item count or raise DataError."""
+    size = path.stat().st_size
+    header = 4 + 4 * ndim
+    with path.open("rb") as f:
+        head = f.read(header)
+    if len(head) < header:
+        raise DataError(f"{path}: truncated IDX file ({size} bytes, shorter than its header); delete it and download again")
+    if head[0] != 0 or head[1] != 0 or head[2] != IDX_UBYTE or head[3] != ndim:
+        raise DataError(
+            f"{path}: not a {ndim}-dimensional uint8 IDX file (magic number {head[:4].hex()}, expected 000008{ndim:02x}); "
+            "replace it with the original file"
+        )
+    dims = [int.from_bytes(head[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim)]
+    expected = header + int(torch.tensor(dims).prod())
+    if size != expected:
+        raise DataError(f"{path}: IDX header says {dims} ({expected} bytes) but the file has {size} bytes; it is truncated or corrupt")
+    return dims[0]
+
+
+def _check_raw_files(raw_folder: Path, train: bool) -> None:
+    prefix = "train" if train else "t10k"
+    images, labels = raw_folder / f"{prefix}-images-idx3-ubyte", raw_folder / f"{prefix}-labels-idx1-ubyte"
+    if images.exists() and labels.exists():
+        n_images, n_labels = check_idx_file(images, 3), check_idx_file(labels, 1)
+        if n_images != n_labels:
+            raise DataError(f"{images} holds {n_images} images but {labels} holds {n_labels} labels; the pair does not match")
+
+
+def load_split(data_cfg: Any, train: bool) -> Split:
+    """Load the train or test split of ``data_cfg.name`` from ``data_cfg.root`` (downloading if allowed)."""
+    dataset_class = DATASET_CLASSES[data_cfg.name]
+    root = Path(data_cfg.root)
+    raw_folder = root / dataset_class.__name__ / "raw"
+    _check_raw_files(raw_folder, train)
+    try:
+        dataset = dataset_class(os.fspath(root), train=train, download=data_cfg.download)
+    except RuntimeError as error:
+        how = "the download failed" if data_cfg.download else "data.download=false"
+        raise DataError(
+            f"{data_cfg.name} not found in {raw_folder} and {how} ({error}); "
+            f"put the IDX files there or point data.root at the folder that holds {dataset_class.__name__}/raw"
+        ) from None
+    split = Split(dataset.data.to(torch.uint8), dataset.targets.to(torch.int64))
+    if len(split) and (split.labels.min() < 0 or split.labels.max() >= NUM_CLASSES):
+        raise DataError(f"{raw_folder}: labels must lie in 0..{NUM_CLASSES - 1}, found {split.labels.min()}..{split.labels.max()}")
+    return split
+
+
+def batch_indices(n: int, batch_size: int, generator: torch.Generator | None, limit: int | None) -> Iterator[torch.Tensor]:
+    """Index batches over n items: shuffled with ``generator`` (or in order if None), at most ``limit``."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    batches = order.split(batch_size)
+    return iter(batches[:limit] if limit is not None else batches)
+
+
+def to_unit_interval(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W] into float [B, 1, H, W] with values in [0, 1]."""
+    return images.unsqueeze(1).float() / 255.0

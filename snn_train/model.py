@@ -1,0 +1,142 @@
+"""The convolutional LIF network, assembled from the ``model`` config or from plain arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from snn_train.neurons import LIFParameters, LIParameters, li_sequence, lif_sequence
+
+
+@dataclass
+class LayerTrace:
+    """What one LIF layer did over a sequence: spikes and membrane voltages, [T, B, ...], detached."""
+
+    spikes: torch.Tensor
+    voltage: torch.Tensor
+
+
+class LIF(nn.Module):
+    """A layer of LIF neurons: input currents [T, B, ...] to spikes [T, B, ...] in one call."""
+
+    def __init__(self, p: LIFParameters) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, currents: torch.Tensor, trace: dict[str, LayerTrace] | None = None, name: str = "") -> torch.Tensor:
+        spikes, voltage = lif_sequence(currents, self.p, record_voltage=trace is not None)
+        if trace is not None:
+            trace[name] = LayerTrace(spikes.detach(), voltage)
+        return spikes
+
+    def extra_repr(self) -> str:
+        p = self.p
+        return (
+            f"tau_syn_inv={p.tau_syn_inv}, tau_mem_inv={p.tau_mem_inv}, v_leak={p.v_leak}, v_th={p.v_th}, "
+            f"v_reset={p.v_reset}, dt={p.dt}, surrogate={p.surrogate}, alpha={p.alpha}"
+        )
+
+
+class LI(nn.Module):
+    """Leaky-integrator readout: input currents [T, B, N] to voltages [T, B, N]."""
+
+    def __init__(self, p: LIParameters) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, currents: torch.Tensor) -> torch.Tensor:
+        return li_sequence(currents, self.p)
+
+    def extra_repr(self) -> str:
+        p = self.p
+        return f"tau_syn_inv={p.tau_syn_inv}, tau_mem_inv={p.tau_mem_inv}, v_leak={p.v_leak}, dt={p.dt}"
+
+
+class ConvSNN(nn.Module):
+    """conv → ×scale → LIF → maxpool (per conv layer) → fc → LIF (per fc layer) → linear → LI readout.
+
+    Input [T, B, C, H, W]; output readout voltages [T, B, num_classes]. Stateless layers run once
+    over the T·B-flattened tensor; each LIF layer runs the whole sequence in one call.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        conv_channels: Sequence[int],
+        kernel_sizes: Sequence[int],
+        conv_scales: Sequence[float],
+        pool_size: int,
+        fc_features: Sequence[int],
+        num_classes: int,
+        readout_bias: bool,
+        lif: LIFParameters,
+        readout: LIParameters,
+    ) -> None:
+        super().__init__()
+        if not len(conv_channels) == len(kernel_sizes) == len(conv_scales):
+            raise ValueError("conv_channels, kernel_sizes and conv_scales need one entry per conv layer")
+        self.input_shape = tuple(input_shape)
+        self.pool_size = pool_size
+        self.conv_scales = list(conv_scales)
+        channels = [input_shape[0], *conv_channels]
+        self.convs = nn.ModuleList(
+            nn.Conv2d(c_in, c_out, k) for c_in, c_out, k in zip(channels, channels[1:], kernel_sizes)
+        )
+        self.conv_lifs = nn.ModuleList(LIF(lif) for _ in conv_channels)
+        features = [self._flat_features(), *fc_features]
+        self.fcs = nn.ModuleList(nn.Linear(f_in, f_out) for f_in, f_out in zip(features, features[1:]))
+        self.fc_lifs = nn.ModuleList(LIF(lif) for _ in fc_features)
+        self.readout_linear = nn.Linear(features[-1], num_classes, bias=readout_bias)
+        self.readout = LI(readout)
+
+    def extra_repr(self) -> str:
+        return f"input_shape={self.input_shape}, conv_scales={self.conv_scales}, pool_size={self.pool_size}"
+
+    @classmethod
+    def from_config(cls, model_cfg: Any, input_shape: Sequence[int]) -> "ConvSNN":
+        """Build from the ``model`` config node (see configs/model/)."""
+        lif = LIFParameters(surrogate=model_cfg.surrogate, **model_cfg.lif)
+        readout = LIParameters(dt=model_cfg.lif.dt, **model_cfg.readout)
+        return cls(
+            input_shape=input_shape,
+            conv_channels=list(model_cfg.conv_channels),
+            kernel_sizes=list(model_cfg.kernel_sizes),
+            conv_scales=list(model_cfg.conv_scales),
+            pool_size=model_cfg.pool_size,
+            fc_features=list(model_cfg.fc_features),
+            num_classes=model_cfg.num_classes,
+            readout_bias=model_cfg.readout_bias,
+            lif=lif,
+            readout=readout,
+        )
+
+    def _flat_features(self) -> int:
+        c, h, w = self.input_shape
+        for conv in self.convs:
+            k = conv.kernel_size[0]
+            h, w = (h - k + 1) // self.pool_size, (w - k + 1) // self.pool_size
+            if h <= 0 or w <= 0:
+                raise ValueError(f"input {tuple(self.input_shape)} is too small for the conv/pool stack")
+            c = conv.out_channels
+        return c * h * w
+
+    def lif_layer_names(self) -> list[str]:
+        """Names of the LIF layers, in order, as used for traces and logging."""
+        return [f"conv{n + 1}" for n in range(len(self.convs))] + [f"fc{n + 1}" for n in range(len(self.fcs))]
+
+    def forward(self, x: torch.Tensor, trace: dict[str, LayerTrace] | None = None) -> torch.Tensor:
+        """Readout voltages [T, B, classes] for input [T, B, C, H, W]; fills ``trace`` if given."""
+        T, B = x.shape[:2]
+        h = x
+        for n, (conv, scale, lif) in enumerate(zip(self.convs, self.conv_scales, self.conv_lifs)):
+            currents = conv(h.flatten(0, 1)) * scale
+            spikes = lif(currents.unflatten(0, (T, B)), trace, f"conv{n + 1}")
+            h = F.max_pool2d(spikes.flatten(0, 1), self.pool_size).unflatten(0, (T, B))
+        h = h.flatten(2)
+        for n, (fc, lif) in enumerate(zip(self.fcs, self.fc_lifs)):
+            h = lif(fc(h), trace, f"fc{n + 1}")
+        return self.readout(self.readout_linear(h))

@@ -1,0 +1,84 @@
+"""What a run shows in TensorBoard: scalars, spike statistics, voltage traces, rasters and HParams."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from snn_train.model import LayerTrace
+
+
+def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as flat ``a.b.c`` keys with TensorBoard-friendly values (lists as strings)."""
+    flat: dict[str, Any] = {}
+
+    def visit(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                visit(value, f"{name}.")
+            elif value is None or isinstance(value, list):
+                flat[name] = str(value)
+            else:
+                flat[name] = value
+
+    visit(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+class RunLogger:
+    """Writes a run's event files into its run directory; one step axis: optimizer steps."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def spike_statistics(self, step: int, encoded: torch.Tensor, trace: dict[str, LayerTrace]) -> None:
+        """Spike rate (spikes per neuron per step) of the encoder and each LIF layer; voltage and count histograms."""
+        self.writer.add_scalar("SpikeRate/encoder", encoded.float().mean().item(), step)
+        for name, layer in trace.items():
+            self.writer.add_scalar(f"SpikeRate/{name}", layer.spikes.float().mean().item(), step)
+            self.writer.add_histogram(f"Voltage/{name}", layer.voltage.float(), step)
+            self.writer.add_histogram(f"SpikeCount/{name}", layer.spikes.float().sum(0), step)
+
+    def parameters(self, step: int, model: nn.Module) -> None:
+        for name, parameter in model.named_parameters():
+            self.writer.add_histogram(f"Parameters/{name}", parameter.detach().float(), step)
+            if parameter.grad is not None:
+                self.writer.add_histogram(f"Gradients/{name}", parameter.grad.float(), step)
+
+    def readout_traces(self, step: int, voltages: torch.Tensor, label: int) -> None:
+        """Readout voltages [T, classes] of one test sample, one line per class."""
+        figure = Figure(figsize=(6, 3.5))
+        axes = figure.subplots()
+        for k, trace in enumerate(voltages.float().cpu().T):
+            axes.plot(trace.numpy(), label=str(k), linewidth=2.5 if k == label else 1.0)
+        axes.set(xlabel="time step", ylabel="readout voltage", title=f"readout of test sample 0 (label {label})")
+        axes.legend(ncol=5, fontsize="small")
+        figure.tight_layout()
+        self.writer.add_figure("Readout/voltage_traces", figure, step)
+
+    def input_raster(self, step: int, encoded: torch.Tensor) -> None:
+        """Encoder output [T, ...] of one sample as an image: one row per input neuron, one column per step."""
+        figure = Figure(figsize=(4, 6))
+        axes = figure.subplots()
+        axes.imshow(encoded.float().flatten(1).T.cpu().numpy(), aspect="auto", cmap="gray_r", interpolation="nearest")
+        axes.set(xlabel="time step", ylabel="input neuron", title="input spikes of test sample 0")
+        figure.tight_layout()
+        self.writer.add_figure("Input/spike_raster", figure, step)
+
+    def hparams(self, cfg: DictConfig, metrics: dict[str, float]) -> None:
+        """One HParams entry per run, so the runs of a sweep line up in the HParams dashboard."""
+        self.writer.add_hparams(flat_hparams(cfg), metrics, run_name=".")
+
+    def close(self) -> None:
+        self.writer.close()

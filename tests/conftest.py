@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny MNIST-layout IDX data sets written on the fly, and config composition."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+
+
+def write_idx(path: Path, data: torch.Tensor) -> None:
+    """Write a uint8 tensor as an IDX file (magic 0x0000 08 ndim, big-endian dims, raw bytes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = struct.pack(">BBBB", 0, 0, 0x08, data.dim()) + b"".join(struct.pack(">I", n) for n in data.shape)
+    path.write_bytes(header + data.to(torch.uint8).contiguous().numpy().tobytes())
+
+
+def bar_images(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """28×28 images whose class k is a bright horizontal bar at rows 2k+4..2k+5, plus noise."""
+    images = torch.randint(0, 40, (len(labels), 28, 28), generator=generator, dtype=torch.uint8)
+    for n, label in enumerate(labels.tolist()):
+        images[n, 2 * label + 4 : 2 * label + 6, 4:24] = 255
+    return images
+
+
+def make_mnist(root: Path, dataset: str = "MNIST", n_train: int = 96, n_test: int = 48) -> Path:
+    """A learnable MNIST-layout data set in root/<dataset>/raw; returns root."""
+    generator = torch.Generator().manual_seed(0)
+    raw = root / dataset / "raw"
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.arange(n) % 10
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", bar_images(labels, generator))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels.to(torch.uint8))
+    return root
+
+
+@pytest.fixture
+def mnist_root(tmp_path: Path) -> Path:
+    return make_mnist(tmp_path / "data")
+
+
+@pytest.fixture
+def tiny_overrides(mnist_root: Path) -> list[str]:
+    """A config small enough for a test: tiny data, T=4, small batches, no progress bar."""
+    return [
+        f"data.root={mnist_root}",
+        "data.download=false",
+        "seq_length=4",
+        "train.batch_size=16",
+        "train.eval_batch_size=24",
+        "train.device=cpu",
+        "log.every_n_steps=1",
+        "log.histogram_every_n_steps=2",
+        "log.progress_bar=false",
+    ]

@@ -1,0 +1,174 @@
+"""The installed ``snn-train`` command, run as a user would, on tiny generated IDX data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_mnist, write_idx
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+LIF_LAYERS = ("conv1", "conv2", "fc1")
+
+
+def snn_train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["snn-train", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def run_dirs(outputs: Path) -> list[Path]:
+    return sorted(path.parent for path in outputs.rglob("metrics.json"))
+
+
+def event_tags(run_dir: Path) -> dict[str, list[str]]:
+    events = EventAccumulator(str(run_dir), size_guidance={"histograms": 0, "images": 0, "scalars": 0})
+    events.Reload()
+    return events.Tags()
+
+
+def test_training_run_writes_metrics_checkpoint_and_tensorboard(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    result = snn_train([*tiny_overrides, "train.epochs=2", "train.limit_batches=3"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    assert run_dir.relative_to(tmp_path / "outputs").parts[0] != "multirun"
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [epoch["epoch"] for epoch in metrics["epochs"]] == [1, 2]
+    assert metrics["final"] == metrics["epochs"][-1]
+    assert metrics["final"]["step"] == 6
+    assert 0.0 <= metrics["final"]["test_accuracy"] <= 1.0 and metrics["final"]["samples_per_s"] > 0
+    assert f"final test accuracy {metrics['final']['test_accuracy']:.4f}" in result.stdout + result.stderr
+
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert {"model", "optimizer", "scheduler", "epoch", "step", "config", "rng"} <= checkpoint.keys()
+    assert (checkpoint["epoch"], checkpoint["step"]) == (2, 6)
+    assert checkpoint["config"]["seq_length"] == 4
+    assert Path(checkpoint["config"]["data"]["root"]).is_absolute()
+
+    tags = event_tags(run_dir)
+    expected_scalars = {"Loss/train", "Accuracy/train", "Loss/test", "Accuracy/test", "LR", "SpikeRate/encoder"}
+    expected_scalars |= {f"SpikeRate/{layer}" for layer in LIF_LAYERS}
+    assert expected_scalars <= set(tags["scalars"])
+    histograms = set(tags["histograms"])
+    assert {f"Voltage/{layer}" for layer in LIF_LAYERS} | {f"SpikeCount/{layer}" for layer in LIF_LAYERS} <= histograms
+    assert "Parameters/convs.0.weight" in histograms and "Gradients/fcs.0.weight" in histograms
+    assert {"Readout/voltage_traces", "Input/spike_raster"} <= set(tags["images"])
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert [s.step for s in events.Scalars("Accuracy/test")] == [3, 6]
+    assert [s.step for s in events.Scalars("Loss/train")] == list(range(1, 7))
+
+
+def test_hparams_entry_carries_final_test_metrics(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    result = snn_train([*tiny_overrides, "train.limit_batches=2", "optim.lr=0.004"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(tmp_path / "outputs")
+    found = {}
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    for tag, content in events.PluginTagToContent("hparams").items():
+        data = plugin_data_pb2.HParamsPluginData.FromString(content)
+        if data.HasField("session_start_info"):
+            found = {key: value for key, value in data.session_start_info.hparams.items()}
+    assert found["optim.lr"].number_value == pytest.approx(0.004)
+    assert found["model.surrogate"].string_value == "super"
+    metrics = json.loads((run_dir / "metrics.json").read_text())["final"]
+    assert events.Scalars("hparam/test_accuracy")[0].value == pytest.approx(metrics["test_accuracy"])
+
+
+def test_two_job_sweep_runs_each_job_in_its_own_folder(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    result = snn_train(["-m", *tiny_overrides, "train.limit_batches=1", "model=super,tanh"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    jobs = run_dirs(tmp_path / "outputs" / "multirun")
+    assert [job.name for job in jobs] == ["0", "1"]
+    surrogates = [torch.load(job / "checkpoints" / "last.pt", weights_only=False)["config"]["model"]["surrogate"] for job in jobs]
+    assert surrogates == ["super", "tanh"]
+
+
+def test_runs_started_together_get_separate_folders(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    command = ["snn-train", *tiny_overrides, "train.limit_batches=1"]
+    processes = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    assert [p.wait(timeout=300) for p in processes] == [0, 0]
+    assert len(run_dirs(tmp_path / "outputs")) == 2
+
+
+def test_python_dash_m_runs_the_same_application(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "snn_train", *tiny_overrides, "train.limit_batches=1", "seq_length=0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2 and "seq_length must be > 0" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epoch=2", "Key 'epoch' not in 'TrainConfig'"),
+        ("model=supr", "Could not find 'model/supr'"),
+        ("encoder=poison", "Could not find 'encoder/poison'"),
+        ("train.epochs=many", "Value 'many' of type 'str' could not be converted to Integer"),
+        ("seq_length=0", "seq_length must be > 0"),
+        ("train.batch_size=0", "train.batch_size must be > 0"),
+        ("optim.lr=-1", "optim.lr must be > 0"),
+        ("model.lif.v_th=-0.5", "model.lif.v_th (-0.5) must be above model.lif.v_reset (0.0)"),
+        ("model.lif.tau_syn_inv=0", "model.lif.tau_syn_inv must be > 0"),
+        ("train.device=gpu", "train.device=gpu is not a device"),
+    ],
+)
+def test_bad_input_gives_a_message_and_no_traceback(tmp_path: Path, tiny_overrides: list[str], override: str, message: str) -> None:
+    result = snn_train([*tiny_overrides, override], tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "outputs").exists() or not run_dirs(tmp_path / "outputs")
+
+
+def corrupt_images(raw: Path) -> None:
+    path = raw / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def wrong_magic(raw: Path) -> None:
+    path = raw / "t10k-labels-idx1-ubyte"
+    path.write_bytes(b"\x00\x00\x09\x01" + path.read_bytes()[4:])
+
+
+def label_count_mismatch(raw: Path) -> None:
+    write_idx(raw / "train-labels-idx1-ubyte", torch.zeros(7, dtype=torch.uint8))
+
+
+def label_out_of_range(raw: Path) -> None:
+    write_idx(raw / "t10k-labels-idx1-ubyte", torch.full((48,), 12, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (corrupt_images, "train-images-idx3-ubyte: IDX header says [96, 28, 28]"),
+        (wrong_magic, "t10k-labels-idx1-ubyte: not a 1-dimensional uint8 IDX file"),
+        (label_count_mismatch, "holds 96 images but"),
+        (label_out_of_range, "labels must lie in 0..9"),
+    ],
+)
+def test_corrupt_data_is_reported_by_file(tmp_path: Path, tiny_overrides: list[str], damage, message: str) -> None:
+    damage(tmp_path / "data" / "MNIST" / "raw")
+    result = snn_train(tiny_overrides, tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_data_without_download_says_where_to_put_it(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    result = snn_train([*tiny_overrides, f"data.root={tmp_path / 'nowhere'}"], tmp_path)
+    assert result.returncode == 2
+    assert "not found in" in result.stderr and "point data.root at the folder that holds MNIST/raw" in result.stderr
+
+
+def test_data_root_is_relative_to_where_the_user_runs(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    make_mnist(tmp_path / "here", n_train=16, n_test=8)
+    overrides = [o for o in tiny_overrides if not o.startswith("data.root=")]
+    result = snn_train([*overrides, "data.root=here", "train.limit_batches=1"], tmp_path)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,114 @@
+"""Every config group option composes and builds; impossible values are refused with a useful message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_mnist
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from snn_train import ConvSNN, load_config
+from snn_train.config import ConfigError
+from snn_train.data import load_split
+from snn_train.encoders import build_encoder
+from snn_train.train import build_optimizer, decode
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONFIGS / group).glob("*.yaml"))
+
+
+def test_the_groups_offer_the_documented_options() -> None:
+    assert options("model") == ["atan", "circ", "erfc", "super", "tanh", "triangle"]
+    assert options("encoder") == ["constant_current", "direct", "latency", "poisson"]
+    assert options("data") == ["fashion_mnist", "kmnist", "mnist"]
+    assert options("optim") == ["adam", "adamw", "sgd"]
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_option_builds_a_network_that_backpropagates(model: str) -> None:
+    cfg = load_config([f"model={model}", "seq_length=3"])
+    assert cfg.model.surrogate == model
+    network = ConvSNN.from_config(cfg.model, (1, 28, 28))
+    voltages = network(torch.rand(3, 2, 1, 28, 28) * 5)
+    assert voltages.shape == (3, 2, 10)
+    voltages.backward(torch.ones_like(voltages))
+    assert network.readout_linear.weight.grad is not None
+
+
+@pytest.mark.parametrize("encoder", options("encoder"))
+def test_every_encoder_option_builds_and_encodes(encoder: str) -> None:
+    cfg = load_config([f"encoder={encoder}", "seq_length=5"])
+    encoded = build_encoder(cfg.encoder, cfg.seq_length)(torch.rand(2, 1, 28, 28))
+    assert encoded.shape == (5, 2, 1, 28, 28)
+
+
+@pytest.mark.parametrize("optim", options("optim"))
+def test_every_optim_option_builds_its_optimizer(optim: str) -> None:
+    cfg = load_config([f"optim={optim}", "optim.lr=0.01"])
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg.optim)
+    assert type(optimizer).__name__.lower() == optim
+    assert optimizer.param_groups[0]["lr"] == 0.01
+
+
+@pytest.mark.parametrize("data", options("data"))
+def test_every_data_option_loads_its_torchvision_folder(data: str, tmp_path: Path) -> None:
+    folder = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}[data]
+    make_mnist(tmp_path, folder, n_train=20, n_test=10)
+    cfg = load_config([f"data={data}", f"data.root={tmp_path}", "data.download=false"])
+    split = load_split(cfg.data, train=False)
+    assert split.images.shape == (10, 28, 28) and split.images.dtype == torch.uint8
+    assert split.labels.tolist() == [k % 10 for k in range(10)]
+
+
+def test_decoders_reduce_over_time() -> None:
+    voltages = torch.tensor([[[1.0, 5.0]], [[3.0, 2.0]], [[2.0, 2.0]]])  # [T=3, B=1, 2]
+    assert decode(voltages, "max").tolist() == [[3.0, 5.0]]
+    assert decode(voltages, "mean").tolist() == [[2.0, 3.0]]
+    assert decode(voltages, "last").tolist() == [[2.0, 2.0]]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("seq_length=0", "seq_length must be > 0"),
+        ("train.batch_size=-4", "train.batch_size must be > 0"),
+        ("optim.lr=0", "optim.lr must be > 0"),
+        ("model.lif.v_th=0", "must be above model.lif.v_reset"),
+        ("model.lif.tau_mem_inv=-1", "model.lif.tau_mem_inv must be > 0"),
+        ("model.readout.tau_syn_inv=0", "model.readout.tau_syn_inv must be > 0"),
+        ("model.lif.alpha=0", "model.lif.alpha must be > 0"),
+        ("decoder=median", "decoder=median is not one of max, mean, last"),
+        ("scheduler=step", "scheduler=step is not one of none, cosine"),
+        ("train.device=tpu", "train.device=tpu is not"),
+        ("train.limit_batches=0", "train.limit_batches must be > 0"),
+    ],
+)
+def test_impossible_values_are_refused_with_the_key_named(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_config([override])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu_is_refused() -> None:
+    with pytest.raises(ConfigError, match="no CUDA GPU is available; use train.device=cpu"):
+        load_config(["train.device=cuda"])
+
+
+@pytest.mark.parametrize(
+    "override, error",
+    [
+        ("train.epoch=2", ConfigCompositionException),
+        ("model=supr", ConfigCompositionException),
+        ("train.epochs=many", ConfigCompositionException),
+        ("encoder.f_max=10", ConfigCompositionException),
+    ],
+)
+def test_unknown_keys_options_and_wrong_types_do_not_compose(override: str, error: type[Exception]) -> None:
+    with pytest.raises((error, ConfigKeyError, ValidationError)):
+        load_config([override])
