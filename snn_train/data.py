@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ def check_idx_file(path: Path, ndim: int) -> int:
             "replace it with the original file"
         )
     dims = [int.from_bytes(head[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim)]
-    expected = header + int(torch.tensor(dims).prod())
+    expected = header + math.prod(dims)
     if size != expected:
         raise DataError(f"{path}: IDX header says {dims} ({expected} bytes) but the file has {size} bytes; it is truncated or corrupt")
     return dims[0]

@@ -43,7 +43,10 @@ class PoissonEncoder(nn.Module):
 
 
 class LatencyEncoder(nn.Module):
-    """Time-to-first-spike: every pixel spikes once, at step round((1 - x)·(T - 1))."""
+    """Time-to-first-spike: each pixel with x > 0 spikes once, at step round((1 - x)·(T - 1)).
+
+    Black pixels (x = 0) have infinite latency and stay silent, as background should.
+    """
 
     def __init__(self, seq_length: int, input_scale: float) -> None:
         super().__init__()
@@ -54,7 +57,7 @@ class LatencyEncoder(nn.Module):
         spike_step = torch.round((1.0 - images.clamp(0.0, 1.0)) * (self.seq_length - 1))
         steps = torch.arange(self.seq_length, device=images.device, dtype=images.dtype)
         steps = steps.view(-1, *([1] * images.dim()))
-        return (steps == spike_step).to(images.dtype) * self.input_scale
+        return ((steps == spike_step) & (images > 0)).to(images.dtype) * self.input_scale
 
     def extra_repr(self) -> str:
         return f"seq_length={self.seq_length}, input_scale={self.input_scale}"

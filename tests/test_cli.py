@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 LIF_LAYERS = ("conv1", "conv2", "fc1")
+ROOT = Path(__file__).parents[1]
 
 
 def snn_train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -87,6 +88,16 @@ def test_two_job_sweep_runs_each_job_in_its_own_folder(tmp_path: Path, tiny_over
     assert [job.name for job in jobs] == ["0", "1"]
     surrogates = [torch.load(job / "checkpoints" / "last.pt", weights_only=False)["config"]["model"]["surrogate"] for job in jobs]
     assert surrogates == ["super", "tanh"]
+
+    summary = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "summarize_sweep.py"), str(jobs[0].parent), "--csv"],
+        capture_output=True, text=True, check=True,
+    )
+    header, *rows = summary.stdout.splitlines()
+    assert header.startswith("overrides,seq_length,steps,test_accuracy")
+    assert sorted("model=super" in row for row in rows) == [False, True]
+    accuracies = [float(row.split(",")[3]) for row in rows]
+    assert accuracies == sorted(accuracies, reverse=True)
 
 
 def test_runs_started_together_get_separate_folders(tmp_path: Path, tiny_overrides: list[str]) -> None:

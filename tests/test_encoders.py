@@ -48,9 +48,9 @@ def test_constant_current_below_rheobase_never_spikes() -> None:
     assert encoder(torch.ones(3)).sum() == 0
 
 
-def test_latency_one_spike_per_pixel_brighter_earlier() -> None:
-    x = torch.tensor([[0.0, 0.2, 0.5, 0.9, 1.0]])
-    encoded = LatencyEncoder(seq_length=11, input_scale=1.0)(x)
-    assert torch.equal(encoded.sum(0), torch.ones_like(x))
-    steps = encoded.argmax(0)[0].tolist()
+def test_latency_one_spike_per_lit_pixel_brighter_earlier() -> None:
+    x = torch.tensor([[0.0, 0.01, 0.2, 0.5, 0.9, 1.0]])
+    encoded = LatencyEncoder(seq_length=11, input_scale=2.0)(x)
+    assert encoded.sum(0).tolist() == [[0.0, 2.0, 2.0, 2.0, 2.0, 2.0]]
+    steps = encoded[:, 0, 1:].argmax(0).tolist()
     assert steps == [10, 8, 5, 1, 0]

@@ -1,0 +1,70 @@
+"""Collect every job of a ``snn-train -m`` sweep into one table sorted by test accuracy.
+
+Usage: python scripts/summarize_sweep.py outputs/multirun/<date>/<time> [--markdown | --csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+COLUMNS = ("overrides", "seq_length", "steps", "test_accuracy", "test_loss", "train_accuracy", "samples_per_s", "wall_s")
+
+
+def job_row(job_dir: Path) -> dict[str, object]:
+    """One job's overrides, T and final metrics."""
+    final = json.loads((job_dir / "metrics.json").read_text())["final"]
+    overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    config = yaml.safe_load((job_dir / ".hydra" / "config.yaml").read_text())
+    return {
+        "overrides": " ".join(overrides),
+        "seq_length": config["seq_length"],
+        "steps": final["step"],
+        "test_accuracy": round(final["test_accuracy"], 4),
+        "test_loss": round(final["test_loss"], 4),
+        "train_accuracy": round(final["train_accuracy"], 4),
+        "samples_per_s": round(final["samples_per_s"], 1),
+        "wall_s": round(final["wall_s"], 1),
+    }
+
+
+def collect(sweep_dir: Path) -> list[dict[str, object]]:
+    rows = [job_row(path.parent) for path in sweep_dir.rglob("metrics.json")]
+    return sorted(rows, key=lambda row: row["test_accuracy"], reverse=True)
+
+
+def print_markdown(rows: list[dict[str, object]]) -> None:
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    for row in rows:
+        print("| " + " | ".join(f"`{row[c]}`" if c == "overrides" else str(row[c]) for c in COLUMNS) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path)
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("--markdown", action="store_true", help="a Markdown table")
+    form.add_argument("--csv", action="store_true", help="CSV")
+    args = parser.parse_args()
+    rows = collect(args.sweep_dir)
+    if not rows:
+        sys.exit(f"no metrics.json below {args.sweep_dir}")
+    if args.markdown:
+        print_markdown(rows)
+    elif args.csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        for row in rows:
+            print("  ".join(f"{row[c]!s:>8}" for c in COLUMNS[1:]) + f"  {row['overrides']}")
+
+
+if __name__ == "__main__":
+    main()
