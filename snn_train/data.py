@@ -78,7 +78,7 @@ def load_split(data_cfg: Any, train: bool) -> Split:
     except RuntimeError as error:
         how = "the download failed" if data_cfg.download else "data.download=false"
         raise DataError(
-            f"{data_cfg.name} not found in {raw_folder} and {how} ({error}); "
+            f"{data_cfg.name} not found in {raw_folder} and {how} ({' '.join(str(error).split())}); "
             f"put the IDX files there or point data.root at the folder that holds {dataset_class.__name__}/raw"
         ) from None
     split = Split(dataset.data.to(torch.uint8), dataset.targets.to(torch.int64))
