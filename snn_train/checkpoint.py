@@ -12,9 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 
-def rng_states() -> dict[str, Any]:
-    """Python's and torch's random states (and CUDA's when present)."""
-    states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+def rng_states(data_order: torch.Generator) -> dict[str, Any]:
+    """The data-order generator's, Python's and torch's random states (and CUDA's when present)."""
+    states: dict[str, Any] = {"data_order": data_order.get_state(), "python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -28,6 +28,7 @@ def save_checkpoint(
     epoch: int,
     step: int,
     cfg: DictConfig,
+    data_order: torch.Generator,
 ) -> None:
     """Write the checkpoint to a temporary file beside ``path``, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,7 +39,7 @@ def save_checkpoint(
         "epoch": epoch,
         "step": step,
         "config": OmegaConf.to_container(cfg, resolve=True),
-        "rng": rng_states(),
+        "rng": rng_states(data_order),
     }
     temporary = path.with_name(path.name + ".tmp")
     with temporary.open("wb") as f:

@@ -178,7 +178,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> list[EpochMetrics]:
             logger.scalars(step, {"Loss/train": metrics.train_loss, "Accuracy/train": metrics.train_accuracy, "LR": optimizer.param_groups[0]["lr"]})
         logger.scalars(step, {"Loss/test": test_loss, "Accuracy/test": test_accuracy})
         log_test_sample(logger, model, encoder, test_set, step)
-        save_checkpoint(run_dir / "checkpoints" / "last.pt", model, optimizer, scheduler, epoch, step, cfg)
+        save_checkpoint(run_dir / "checkpoints" / "last.pt", model, optimizer, scheduler, epoch, step, cfg, shuffle)
         write_metrics(run_dir / "metrics.json", history)
         log.info(
             "epoch %d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.0f samples/s",

@@ -13,6 +13,8 @@ from conftest import make_mnist, write_idx
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from snn_train.checkpoint import load_checkpoint
+
 LIF_LAYERS = ("conv1", "conv2", "fc1")
 ROOT = Path(__file__).parents[1]
 
@@ -44,8 +46,9 @@ def test_training_run_writes_metrics_checkpoint_and_tensorboard(tmp_path: Path, 
     assert 0.0 <= metrics["final"]["test_accuracy"] <= 1.0 and metrics["final"]["samples_per_s"] > 0
     assert f"final test accuracy {metrics['final']['test_accuracy']:.4f}" in result.stdout + result.stderr
 
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert {"model", "optimizer", "scheduler", "epoch", "step", "config", "rng"} <= checkpoint.keys()
+    assert {"data_order", "python", "torch"} <= checkpoint["rng"].keys()
     assert (checkpoint["epoch"], checkpoint["step"]) == (2, 6)
     assert checkpoint["config"]["seq_length"] == 4
     assert Path(checkpoint["config"]["data"]["root"]).is_absolute()
@@ -86,7 +89,7 @@ def test_two_job_sweep_runs_each_job_in_its_own_folder(tmp_path: Path, tiny_over
     assert result.returncode == 0, result.stderr
     jobs = run_dirs(tmp_path / "outputs" / "multirun")
     assert [job.name for job in jobs] == ["0", "1"]
-    surrogates = [torch.load(job / "checkpoints" / "last.pt", weights_only=False)["config"]["model"]["surrogate"] for job in jobs]
+    surrogates = [load_checkpoint(job / "checkpoints" / "last.pt")["config"]["model"]["surrogate"] for job in jobs]
     assert surrogates == ["super", "tanh"]
 
     summary = subprocess.run(
