@@ -5,11 +5,21 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write through ``write`` into a temporary file beside ``path``, fsync it, then rename it into place."""
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
 
 
 def rng_states(data_order: torch.Generator) -> dict[str, Any]:
@@ -30,7 +40,7 @@ def save_checkpoint(
     cfg: DictConfig,
     data_order: torch.Generator,
 ) -> None:
-    """Write the checkpoint to a temporary file beside ``path``, then rename it into place."""
+    """Write the checkpoint atomically: a reader sees the previous one or this one, never a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "model": model.state_dict(),
@@ -41,12 +51,7 @@ def save_checkpoint(
         "config": OmegaConf.to_container(cfg, resolve=True),
         "rng": rng_states(data_order),
     }
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    write_atomically(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -18,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from snn_train.checkpoint import save_checkpoint
+from snn_train.checkpoint import save_checkpoint, write_atomically
 from snn_train.config import resolve_device
 from snn_train.data import Split, batch_indices, load_split, to_unit_interval
 from snn_train.encoders import build_encoder
@@ -99,9 +98,8 @@ def log_test_sample(logger: RunLogger, model: ConvSNN, encoder: nn.Module, split
 
 def write_metrics(path: Path, epochs: list[EpochMetrics]) -> None:
     """metrics.json: the final epoch's figures and every epoch's, written atomically."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps({"final": asdict(epochs[-1]), "epochs": [asdict(e) for e in epochs]}, indent=2))
-    os.replace(temporary, path)
+    text = json.dumps({"final": asdict(epochs[-1]), "epochs": [asdict(e) for e in epochs]}, indent=2)
+    write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def fit(cfg: DictConfig, run_dir: Path) -> list[EpochMetrics]:

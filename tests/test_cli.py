@@ -77,7 +77,7 @@ def test_hparams_entry_carries_final_test_metrics(tmp_path: Path, tiny_overrides
     for tag, content in events.PluginTagToContent("hparams").items():
         data = plugin_data_pb2.HParamsPluginData.FromString(content)
         if data.HasField("session_start_info"):
-            found = {key: value for key, value in data.session_start_info.hparams.items()}
+            found = dict(data.session_start_info.hparams)
     assert found["optim.lr"].number_value == pytest.approx(0.004)
     assert found["model.surrogate"].string_value == "super"
     metrics = json.loads((run_dir / "metrics.json").read_text())["final"]

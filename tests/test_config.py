@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_mnist
 from hydra.errors import ConfigCompositionException
-from omegaconf.errors import ConfigKeyError, ValidationError
 
 from snn_train import ConvSNN, load_config
 from snn_train.config import ConfigError
@@ -90,7 +90,7 @@ def test_decoders_reduce_over_time() -> None:
     ],
 )
 def test_impossible_values_are_refused_with_the_key_named(override: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config([override])
 
 
@@ -101,14 +101,14 @@ def test_cuda_without_a_gpu_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    "override, error",
+    "override, message",
     [
-        ("train.epoch=2", ConfigCompositionException),
-        ("model=supr", ConfigCompositionException),
-        ("train.epochs=many", ConfigCompositionException),
-        ("encoder.f_max=10", ConfigCompositionException),
+        ("train.epoch=2", "Could not override 'train.epoch'"),
+        ("model=supr", "Could not find 'model/supr'"),
+        ("train.epochs=many", "Error merging override train.epochs=many"),
+        ("encoder.f_max=10", "Could not override 'encoder.f_max'"),
     ],
 )
-def test_unknown_keys_options_and_wrong_types_do_not_compose(override: str, error: type[Exception]) -> None:
-    with pytest.raises((error, ConfigKeyError, ValidationError)):
+def test_unknown_keys_options_and_wrong_types_do_not_compose(override: str, message: str) -> None:
+    with pytest.raises(ConfigCompositionException, match=re.escape(message)):
         load_config([override])
