@@ -1,28 +1,68 @@
-"""The thin Hydra entry point: compose the config, check it, hand it to train.fit."""
+"""The thin Hydra entry point: compose the config, check it, hand it to train.fit; every user error in one line."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
+from snn_train.checkpoint import CheckpointError
 from snn_train.config import ConfigError, validate
 from snn_train.data import DataError
-from snn_train.train import fit
+from snn_train.train import Interrupted, TrainingError, fit
+
+
+def fail(message: str) -> None:
+    """Exit 2 with one line on stderr: the convention for errors a user can cause and fix."""
+    print(f"snn-train: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def train(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> float:
     """Train the configured network; returns the final test accuracy (for sweepers that optimise it)."""
     try:
         validate(cfg)
         cfg.data.root = to_absolute_path(cfg.data.root)
+        if cfg.train.resume is not None:
+            cfg.train.resume = to_absolute_path(cfg.train.resume)
         history = fit(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (ConfigError, DataError) as error:
-        print(f"snn-train: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except (ConfigError, DataError, CheckpointError, TrainingError) as error:
+        fail(str(error))
+    except Interrupted as stop:
+        print(f"snn-train: {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
     return history[-1].test_accuracy
+
+
+def hydra_message(error: HydraException) -> str:
+    """Hydra's message without its layout: first lines of it and of its cause, and the options it lists."""
+    message = str(error).strip().splitlines()[0].rstrip(".")
+    if isinstance(error, OverrideParseException):
+        message = f"cannot parse override {error.override!r}: {message}"
+    if error.__cause__ is not None and str(error.__cause__).strip():
+        message += f": {str(error.__cause__).strip().splitlines()[0]}"
+    if isinstance(error, MissingConfigException) and error.options:
+        message += f" (options: {', '.join(error.options)})"
+    return message
+
+
+def train() -> None:
+    """``snn-train``: run the Hydra app, with Hydra's own errors (bad overrides, a run folder it cannot create) in one line too."""
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors to us instead of printing them with a stack trace
+    try:
+        run()
+    except HydraException as error:
+        fail(hydra_message(error))
+    except OSError as error:
+        fail(f"{error.strerror or error}: {error.filename}" if error.filename else str(error))
+    except KeyboardInterrupt:
+        print("snn-train: interrupted before training started", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

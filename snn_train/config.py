@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -99,6 +101,9 @@ class TrainConfig:
     device: str = MISSING
     grad_clip: Optional[float] = MISSING
     limit_batches: Optional[int] = MISSING
+    checkpoint_every_n_steps: int = MISSING
+    on_nan: str = MISSING
+    resume: Optional[str] = MISSING
 
 
 @dataclass
@@ -131,7 +136,16 @@ def register_schema() -> None:
     cs.store(group="schema/encoder", name="constant_current", node=ConstantCurrentEncoderConfig)
 
 
+def run_dir(resume: Optional[str], new_dir: str) -> str:
+    """``hydra.run.dir``: a resumed run continues in its own folder (``<run>/checkpoints/<file>`` or ``<run>``)."""
+    path = Path(resume) if resume is not None else None
+    if path is not None and path.is_file() and path.parent.name == "checkpoints":
+        path = path.parent.parent
+    return str(path) if path is not None and path.is_dir() else new_dir
+
+
 register_schema()
+OmegaConf.register_new_resolver("snn_train_run_dir", run_dir, replace=True)
 
 DECODERS = ("max", "mean", "last")
 SCHEDULERS = ("none", "cosine")
@@ -139,6 +153,13 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SURROGATES = ("super", "tanh", "triangle", "circ", "erfc", "atan")
 ENCODERS = ("direct", "poisson", "latency", "constant_current")
 DATASETS = ("mnist", "fashion_mnist", "kmnist")
+ON_NAN = ("stop", "skip")
+# What may differ from a checkpoint's config when resuming it: how long to run, where and how to log and
+# evaluate, where the data lives. Everything else (network, T, data set, optimizer, seed, batches) must match.
+CHANGEABLE_ON_RESUME = (
+    "train.epochs", "train.resume", "train.device", "train.eval_batch_size", "train.checkpoint_every_n_steps",
+    "train.on_nan", "log", "data.root", "data.download",
+)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -173,10 +194,44 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def flat_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """The resolved config (or a checkpoint's copy of it) as flat ``a.b.c`` keys."""
+    tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    flat: dict[str, Any] = {}
+
+    def visit(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                visit(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    visit(tree, "")
+    return flat
+
+
+def resume_differences(saved: dict[str, Any], cfg: DictConfig) -> list[str]:
+    """``key (saved → now)`` for each key a checkpoint depends on whose value ``cfg`` changes."""
+    old, new = flat_config(saved), flat_config(cfg)
+    changeable = tuple(f"{key}." for key in CHANGEABLE_ON_RESUME)
+    return [
+        f"{key} ({old.get(key, 'absent')} → {new.get(key, 'absent')})"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key) and not f"{key}.".startswith(changeable)
+    ]
+
+
+def _check_finite(cfg: DictConfig) -> None:
+    for key, value in flat_config(cfg).items():
+        for number in value if isinstance(value, list) else [value]:
+            _check(not isinstance(number, float) or math.isfinite(number), f"{key}={value} is not a finite number")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first impossible value; types and key names are checked by Hydra."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     _check(not missing, f"missing config values: {', '.join(missing)}; set them on the command line (key=value)")
+    _check_finite(cfg)
     _check_positive(cfg, "seq_length", "the number of time steps T, e.g. seq_length=16")
     _check_positive(cfg, "train.epochs", "e.g. train.epochs=1")
     _check_positive(cfg, "train.batch_size", "e.g. train.batch_size=32")
@@ -188,6 +243,8 @@ def validate(cfg: DictConfig) -> None:
         _check_positive(cfg, "train.grad_clip", "or train.grad_clip=null to turn clipping off")
     if cfg.train.limit_batches is not None:
         _check_positive(cfg, "train.limit_batches", "or train.limit_batches=null for whole epochs")
+    _check_positive(cfg, "train.checkpoint_every_n_steps", "e.g. train.checkpoint_every_n_steps=500")
+    _check_choice(cfg, "train.on_nan", ON_NAN)
     _check_positive(cfg, "log.every_n_steps", "e.g. log.every_n_steps=50")
     _check_positive(cfg, "log.histogram_every_n_steps", "e.g. log.histogram_every_n_steps=500")
     for key in ("dt", "tau_syn_inv", "tau_mem_inv", "alpha"):
@@ -202,6 +259,10 @@ def validate(cfg: DictConfig) -> None:
         "model.conv_channels, model.kernel_sizes and model.conv_scales need one entry per conv layer",
     )
     _check_positive(cfg, "model.pool_size", "e.g. model.pool_size=2")
+    for key in ("conv_channels", "kernel_sizes", "fc_features"):
+        sizes = cfg.model[key]
+        _check(all(size > 0 for size in sizes), f"model.{key} must hold sizes > 0, got {list(sizes)}")
+    _check_positive(cfg, "model.num_classes", "e.g. model.num_classes=10")
     _check_positive(cfg, "encoder.input_scale", "e.g. encoder.input_scale=1.0")
     _check_choice(cfg, "model.surrogate", SURROGATES)
     _check_choice(cfg, "encoder.name", ENCODERS)

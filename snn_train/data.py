@@ -58,6 +58,14 @@ def check_idx_file(path: Path, ndim: int) -> int:
     return dims[0]
 
 
+def check_labels(path: Path) -> None:
+    """Every label in an IDX label file (already checked by check_idx_file) must name a class."""
+    labels = path.read_bytes()[8:]
+    if labels and max(labels) >= NUM_CLASSES:
+        first = next(n for n, label in enumerate(labels) if label >= NUM_CLASSES)
+        raise DataError(f"{path}: labels must lie in 0..{NUM_CLASSES - 1}, found {labels[first]} at index {first}")
+
+
 def _check_raw_files(raw_folder: Path, train: bool) -> None:
     prefix = "train" if train else "t10k"
     images, labels = raw_folder / f"{prefix}-images-idx3-ubyte", raw_folder / f"{prefix}-labels-idx1-ubyte"
@@ -65,6 +73,7 @@ def _check_raw_files(raw_folder: Path, train: bool) -> None:
         n_images, n_labels = check_idx_file(images, 3), check_idx_file(labels, 1)
         if n_images != n_labels:
             raise DataError(f"{images} holds {n_images} images but {labels} holds {n_labels} labels; the pair does not match")
+        check_labels(labels)
 
 
 def load_split(data_cfg: Any, train: bool) -> Split:
@@ -81,10 +90,7 @@ def load_split(data_cfg: Any, train: bool) -> Split:
             f"{data_cfg.name} not found in {raw_folder} and {how} ({' '.join(str(error).split())}); "
             f"put the IDX files there or point data.root at the folder that holds {dataset_class.__name__}/raw"
         ) from None
-    split = Split(dataset.data.to(torch.uint8), dataset.targets.to(torch.int64))
-    if len(split) and (split.labels.min() < 0 or split.labels.max() >= NUM_CLASSES):
-        raise DataError(f"{raw_folder}: labels must lie in 0..{NUM_CLASSES - 1}, found {split.labels.min()}..{split.labels.max()}")
-    return split
+    return Split(dataset.data.to(torch.uint8), dataset.targets.to(torch.int64))
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator | None, limit: int | None) -> Iterator[torch.Tensor]:

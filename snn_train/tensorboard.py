@@ -7,36 +7,28 @@ from typing import Any
 
 import torch
 from matplotlib.figure import Figure
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
+from snn_train.config import flat_config
 from snn_train.model import LayerTrace
 
 
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as flat ``a.b.c`` keys with TensorBoard-friendly values (lists as strings)."""
-    flat: dict[str, Any] = {}
-
-    def visit(node: Any, prefix: str) -> None:
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, dict):
-                visit(value, f"{name}.")
-            elif value is None or isinstance(value, list):
-                flat[name] = str(value)
-            else:
-                flat[name] = value
-
-    visit(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
+    """The resolved config as flat ``a.b.c`` keys with TensorBoard-friendly values (lists and None as strings)."""
+    return {key: str(value) if value is None or isinstance(value, list) else value for key, value in flat_config(cfg).items()}
 
 
 class RunLogger:
     """Writes a run's event files into its run directory; one step axis: optimizer steps."""
 
-    def __init__(self, log_dir: Path) -> None:
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+    def __init__(self, log_dir: Path, purge_step: int | None = None) -> None:
+        """``purge_step``: a resumed run's first step; TensorBoard hides what an earlier session logged from there on."""
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+    def flush(self) -> None:
+        self.writer.flush()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for tag, value in values.items():

@@ -6,10 +6,12 @@ import json
 import logging
 import math
 import random
+import signal
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from omegaconf import DictConfig
@@ -17,14 +19,26 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from snn_train.checkpoint import save_checkpoint, write_atomically
-from snn_train.config import resolve_device
-from snn_train.data import Split, batch_indices, load_split, to_unit_interval
+from snn_train.checkpoint import check_writable, load_for_resume, restore, save_checkpoint, write_atomically
+from snn_train.config import ConfigError, resolve_device
+from snn_train.data import NUM_CLASSES, Split, batch_indices, load_split, to_unit_interval
 from snn_train.encoders import build_encoder
 from snn_train.model import ConvSNN, LayerTrace
 from snn_train.tensorboard import RunLogger
 
 log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a NaN or infinite loss); the message gives the step and the checkpoint left intact."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the loop wrote a checkpoint at the next step boundary and stopped."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclass
@@ -37,6 +51,27 @@ class EpochMetrics:
     test_accuracy: float
     samples_per_s: float
     wall_s: float
+
+
+@dataclass
+class Progress:
+    """Where a run stands: what a checkpoint holds beyond the states, to continue the loop exactly."""
+
+    epoch: int = 1  # the epoch in progress (the next one once an epoch is done)
+    batch: int = 0  # batches of it done
+    step: int = 0  # batches of the run done, skipped ones included: the step axis
+    loss_sum: float = 0.0  # this epoch's train loss summed over samples, correct predictions, samples
+    correct: int = 0
+    seen: int = 0
+    skipped: int = 0  # batches skipped for a non-finite loss (train.on_nan=skip), whole run
+    wall_s: float = 0.0  # run time and this epoch's time so far
+    epoch_s: float = 0.0
+    history: list[EpochMetrics] = field(default_factory=list)
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> "Progress":
+        names = [name for name in cls.__dataclass_fields__ if name != "history"]
+        return cls(**{name: state[name] for name in names}, history=[EpochMetrics(**e) for e in state["history"]])
 
 
 def decode(voltages: torch.Tensor, decoder: str) -> torch.Tensor:
@@ -102,88 +137,209 @@ def write_metrics(path: Path, epochs: list[EpochMetrics]) -> None:
     write_atomically(path, lambda f: f.write(text.encode()))
 
 
-def fit(cfg: DictConfig, run_dir: Path) -> list[EpochMetrics]:
-    """Train ``cfg``'s network, evaluating on the full test set after every epoch; returns per-epoch metrics."""
+@contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """Record SIGINT and SIGTERM instead of dying, so the loop can checkpoint at the next step boundary and stop."""
+    requested: list[int] = []
+    previous = {signum: signal.signal(signum, lambda s, _: requested.append(s)) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def build_model(cfg: DictConfig, input_shape: tuple[int, ...], device: torch.device) -> ConvSNN:
+    """The configured network for this data; a conv/pool stack too big for the images is a config error."""
+    if cfg.model.num_classes < NUM_CLASSES:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.name} has {NUM_CLASSES} classes")
+    try:
+        return ConvSNN.from_config(cfg.model, input_shape).to(device)
+    except ValueError as error:
+        raise ConfigError(f"{error}; use smaller model.kernel_sizes or model.pool_size") from None
+
+
+@dataclass
+class Run:
+    """One run's objects, shared by the loop's functions; ``progress`` is what changes."""
+
+    cfg: DictConfig
+    run_dir: Path
+    train_set: Split
+    test_set: Split
+    model: ConvSNN
+    encoder: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    data_order: torch.Generator
+    logger: RunLogger
+    progress: Progress
+    started: float  # time.perf_counter() at the run's start, earlier sessions included
+
+
+def start_run(cfg: DictConfig, run_dir: Path) -> Run:
+    """Check the run folder, load data, build everything; continue ``train.resume``'s checkpoint if given."""
+    check_writable(run_dir, run_dir / "checkpoints")
+    resumed = load_for_resume(cfg) if cfg.train.resume is not None else None
     device = resolve_device(cfg.train.device)
     train_set = load_split(cfg.data, train=True).to(device)
     test_set = load_split(cfg.data, train=False).to(device)
     seed_everything(cfg.train.seed)
-    shuffle = torch.Generator().manual_seed(cfg.train.seed)
+    data_order = torch.Generator().manual_seed(cfg.train.seed)
 
-    input_shape = (1, *train_set.images.shape[1:])
-    model = ConvSNN.from_config(cfg.model, input_shape).to(device)
+    model = build_model(cfg, (1, *train_set.images.shape[1:]), device)
     encoder = build_encoder(cfg.encoder, cfg.seq_length).to(device)
     steps_per_epoch = math.ceil(len(train_set) / cfg.train.batch_size)
     if cfg.train.limit_batches is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.train.limit_batches)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.train.epochs * steps_per_epoch)
-    logger = RunLogger(run_dir)
+    progress = Progress()
+    if resumed is not None:
+        path, state = resumed
+        progress = Progress.from_checkpoint(state)
+        epochs_begun = progress.epoch - (progress.batch == 0)
+        if epochs_begun > cfg.train.epochs:
+            raise ConfigError(f"train.epochs={cfg.train.epochs} but {path} has already begun epoch {epochs_begun}")
+        restore(state, model, optimizer, scheduler, data_order)
+        if scheduler is not None:
+            scheduler.T_max = cfg.train.epochs * steps_per_epoch  # train.epochs may have changed: anneal to the new end
+        log.info("resuming %s: epoch %d after batch %d, step %d", path, progress.epoch, progress.batch, progress.step)
+    logger = RunLogger(run_dir, purge_step=progress.step + 1 if resumed is not None else None)
     log.info("run dir %s, device %s, %d train / %d test samples\n%s\n%s", run_dir, device, len(train_set), len(test_set), encoder, model)
+    started = time.perf_counter() - progress.wall_s
+    return Run(cfg, run_dir, train_set, test_set, model, encoder, optimizer, scheduler, data_order, logger, progress, started)
 
-    history: list[EpochMetrics] = []
-    step = 0
-    start = time.perf_counter()
-    for epoch in range(1, cfg.train.epochs + 1):
-        epoch_start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        seen = 0
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not cfg.log.progress_bar)
-        for index in batch_indices(len(train_set), cfg.train.batch_size, shuffle, cfg.train.limit_batches):
-            step += 1
-            labels = train_set.labels[index]
-            encoded = encoder(to_unit_interval(train_set.images[index]))
-            trace: dict[str, LayerTrace] | None = {} if step % cfg.log.every_n_steps == 0 else None
-            logits = decode(model(encoded, trace), cfg.decoder)
-            loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
 
-            loss_sum += loss.detach() * len(index)
-            correct += (logits.argmax(1) == labels).sum()
-            seen += len(index)
-            bar.update()
-            if trace is not None:
-                train_loss, train_accuracy = loss_sum.item() / seen, correct.item() / seen
-                samples_per_s = seen / (time.perf_counter() - epoch_start)
-                bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_accuracy:.4f}", samples_s=f"{samples_per_s:.0f}")
-                logger.scalars(step, {"Loss/train": train_loss, "Accuracy/train": train_accuracy, "LR": optimizer.param_groups[0]["lr"]})
-                logger.spike_statistics(step, encoded, trace)
-            if step % cfg.log.histogram_every_n_steps == 0:
-                logger.parameters(step, model)
-        bar.close()
+def save(run: Run, data_order: torch.Tensor) -> Path:
+    """Checkpoint the run, unless its weights are no longer finite: then the last good checkpoint stays."""
+    folder = run.run_dir / "checkpoints"
+    if not all(torch.isfinite(p).all() for p in run.model.parameters()):
+        raise TrainingError(f"the weights are no longer finite at step {run.progress.step}; stopped, keeping the checkpoints in {folder}")
+    run.logger.flush()  # the event files hold every step up to the checkpoint; a resume purges later ones
+    run.progress.wall_s = time.perf_counter() - run.started
+    return save_checkpoint(folder, run.model, run.optimizer, run.scheduler, run.cfg, data_order, asdict(run.progress))
 
-        epoch_wall = time.perf_counter() - epoch_start
-        test_loss, test_accuracy = evaluate(model, encoder, test_set, cfg)
-        metrics = EpochMetrics(
-            epoch=epoch,
-            step=step,
-            train_loss=loss_sum.item() / seen,
-            train_accuracy=correct.item() / seen,
-            test_loss=test_loss,
-            test_accuracy=test_accuracy,
-            samples_per_s=seen / epoch_wall,
-            wall_s=time.perf_counter() - start,
+
+def train_step(run: Run, index: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Forward, backward, update; returns loss and logits, or None for a batch skipped for its non-finite loss."""
+    cfg, step = run.cfg, run.progress.step
+    labels = run.train_set.labels[index]
+    encoded = run.encoder(to_unit_interval(run.train_set.images[index]))
+    trace: dict[str, LayerTrace] | None = {} if step % cfg.log.every_n_steps == 0 else None
+    logits = decode(run.model(encoded, trace), cfg.decoder)
+    loss = F.cross_entropy(logits, labels)
+    finite = bool(torch.isfinite(loss))
+    if finite:
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip is not None:
+            nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip)
+        run.optimizer.step()
+        if run.scheduler is not None:
+            run.scheduler.step()
+    elif cfg.train.on_nan == "stop":
+        raise TrainingError(
+            f"loss is {loss.item()} at step {step} (epoch {epoch}, batch {run.progress.batch}); stopped, keeping the checkpoints "
+            f"in {run.run_dir / 'checkpoints'}; try a lower optim.lr, train.grad_clip, or train.on_nan=skip"
         )
-        history.append(metrics)
-        if step % cfg.log.every_n_steps != 0:
-            logger.scalars(step, {"Loss/train": metrics.train_loss, "Accuracy/train": metrics.train_accuracy, "LR": optimizer.param_groups[0]["lr"]})
-        logger.scalars(step, {"Loss/test": test_loss, "Accuracy/test": test_accuracy})
-        log_test_sample(logger, model, encoder, test_set, step)
-        save_checkpoint(run_dir / "checkpoints" / "last.pt", model, optimizer, scheduler, epoch, step, cfg, shuffle)
-        write_metrics(run_dir / "metrics.json", history)
-        log.info(
-            "epoch %d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.0f samples/s",
-            epoch, metrics.train_loss, metrics.train_accuracy, test_loss, test_accuracy, metrics.samples_per_s,
-        )
+    if trace is not None:
+        run.logger.spike_statistics(step, encoded, trace)
+    if finite:
+        return loss.detach(), logits.detach()
+    run.progress.skipped += 1
+    log.warning("loss is %s at step %d: batch skipped, no update (%d so far)", loss.item(), step, run.progress.skipped)
+    run.logger.scalars(step, {"NaN/skipped_batches": run.progress.skipped})
+    return None
 
-    logger.hparams(cfg, {"hparam/test_accuracy": history[-1].test_accuracy, "hparam/test_loss": history[-1].test_loss})
-    logger.close()
-    log.info("final test accuracy %.4f (loss %.4f) after %d steps in %.1f s", history[-1].test_accuracy, history[-1].test_loss, step, history[-1].wall_s)
+
+def train_epoch(run: Run, epoch: int, stop: list[int]) -> float:
+    """The epoch's remaining batches, checkpointing every train.checkpoint_every_n_steps and on a stop request; returns its seconds."""
+    cfg, progress = run.cfg, run.progress
+    epoch_start = time.perf_counter() - progress.epoch_s
+    epoch_order = run.data_order.get_state()  # a mid-epoch checkpoint draws this epoch's order again from it
+    loss_sum = torch.tensor(progress.loss_sum, device=run.train_set.labels.device)
+    correct = torch.tensor(progress.correct, device=run.train_set.labels.device)
+    batches = list(batch_indices(len(run.train_set), cfg.train.batch_size, run.data_order, cfg.train.limit_batches))
+    bar = tqdm(total=len(batches), initial=progress.batch, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not cfg.log.progress_bar)
+    for index in batches[progress.batch :]:
+        progress.step += 1
+        progress.batch += 1
+        result = train_step(run, index, epoch)
+        if result is not None:
+            loss, logits = result
+            loss_sum += loss * len(index)
+            correct += (logits.argmax(1) == run.train_set.labels[index]).sum()
+            progress.seen += len(index)
+        bar.update()
+        if progress.step % cfg.log.every_n_steps == 0 and progress.seen:
+            train_loss, train_accuracy = loss_sum.item() / progress.seen, correct.item() / progress.seen
+            samples_per_s = progress.seen / (time.perf_counter() - epoch_start)
+            bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_accuracy:.4f}", samples_s=f"{samples_per_s:.0f}")
+            run.logger.scalars(progress.step, {"Loss/train": train_loss, "Accuracy/train": train_accuracy, "LR": run.optimizer.param_groups[0]["lr"]})
+        if progress.step % cfg.log.histogram_every_n_steps == 0:
+            run.logger.parameters(progress.step, run.model)
+        # Not at the epoch's last batch: the epoch-end checkpoint follows, after events logged at this same step.
+        if stop or (progress.step % cfg.train.checkpoint_every_n_steps == 0 and progress.batch < len(batches)):
+            tally(progress, loss_sum, correct, epoch_start)
+            path = save(run, epoch_order)
+        if stop:
+            raise Interrupted(stop[0], f"interrupted at step {progress.step}: saved {path}; continue with train.resume={run.run_dir}")
+    bar.close()
+    tally(progress, loss_sum, correct, epoch_start)
+    return progress.epoch_s
+
+
+def tally(progress: Progress, loss_sum: torch.Tensor, correct: torch.Tensor, epoch_start: float) -> None:
+    """Copy the epoch's running sums and time into ``progress`` (for a checkpoint or the epoch's metrics)."""
+    progress.loss_sum, progress.correct, progress.epoch_s = loss_sum.item(), int(correct.item()), time.perf_counter() - epoch_start
+
+
+def end_epoch(run: Run, epoch: int, epoch_wall: float) -> EpochMetrics:
+    """Evaluate, log, start the next epoch's progress, checkpoint and write metrics.json."""
+    cfg, progress = run.cfg, run.progress
+    test_loss, test_accuracy = evaluate(run.model, run.encoder, run.test_set, cfg)
+    seen, step = progress.seen, progress.step
+    metrics = EpochMetrics(
+        epoch=epoch,
+        step=step,
+        train_loss=progress.loss_sum / seen if seen else math.nan,
+        train_accuracy=progress.correct / seen if seen else math.nan,
+        test_loss=test_loss,
+        test_accuracy=test_accuracy,
+        samples_per_s=seen / epoch_wall,
+        wall_s=time.perf_counter() - run.started,
+    )
+    if step % cfg.log.every_n_steps != 0:
+        run.logger.scalars(step, {"Loss/train": metrics.train_loss, "Accuracy/train": metrics.train_accuracy, "LR": run.optimizer.param_groups[0]["lr"]})
+    run.logger.scalars(step, {"Loss/test": test_loss, "Accuracy/test": test_accuracy})
+    log_test_sample(run.logger, run.model, run.encoder, run.test_set, step)
+    run.progress = Progress(epoch + 1, 0, step, skipped=progress.skipped, history=[*progress.history, metrics])
+    save(run, run.data_order.get_state())
+    write_metrics(run.run_dir / "metrics.json", run.progress.history)
+    log.info(
+        "epoch %d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.0f samples/s",
+        epoch, metrics.train_loss, metrics.train_accuracy, test_loss, test_accuracy, metrics.samples_per_s,
+    )
+    return metrics
+
+
+def fit(cfg: DictConfig, run_dir: Path) -> list[EpochMetrics]:
+    """Train ``cfg``'s network (or continue ``train.resume``'s run), evaluating after every epoch; returns per-epoch metrics.
+
+    Raises TrainingError on a non-finite loss (train.on_nan=stop) and Interrupted after SIGINT/SIGTERM.
+    """
+    run = start_run(cfg, run_dir)
+    try:
+        with stop_requests() as stop:
+            for epoch in range(run.progress.epoch, cfg.train.epochs + 1):
+                epoch_wall = train_epoch(run, epoch, stop)
+                end_epoch(run, epoch, epoch_wall)
+                if stop:
+                    raise Interrupted(stop[0], f"interrupted after epoch {epoch}; continue with train.resume={run_dir}")
+        history = run.progress.history
+        run.logger.hparams(cfg, {"hparam/test_accuracy": history[-1].test_accuracy, "hparam/test_loss": history[-1].test_loss})
+    finally:
+        run.logger.close()
+    log.info("final test accuracy %.4f (loss %.4f) after %d steps in %.1f s", history[-1].test_accuracy, history[-1].test_loss, run.progress.step, history[-1].wall_s)
     return history

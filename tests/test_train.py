@@ -13,7 +13,7 @@ from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from snn_train import ConvSNN, LIFParameters, LIParameters, load_config
-from snn_train.cli import train
+from snn_train.cli import run
 from snn_train.train import fit
 
 
@@ -55,7 +55,7 @@ def test_hydra_main_returns_the_final_test_accuracy(tmp_path: Path, tiny_overrid
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
-    accuracy = train(cfg)
+    accuracy = run(cfg)
     assert accuracy == json.loads((tmp_path / "metrics.json").read_text())["final"]["test_accuracy"]
 
 

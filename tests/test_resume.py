@@ -1,0 +1,95 @@
+"""Kill a training run at chosen points, resume it each time, and get the uninterrupted run's results bit for bit."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from snn_train.checkpoint import load_checkpoint
+
+KILL_CHILD = Path(__file__).with_name("kill_child.py")
+# 3 epochs of 6 batches, a checkpoint every 4 steps and at each epoch end (steps 4, 6, 8, 12, 16, 18);
+# Poisson input so the random states matter, and a network that learns so the weights move.
+RUN = [
+    "encoder=poisson", "model.lif.alpha=10", "encoder.input_scale=5", "seq_length=4", "decoder=mean", "optim.lr=5e-3",
+    "train.epochs=3", "train.checkpoint_every_n_steps=4", "log.histogram_every_n_steps=5",
+]
+COMPARED = ("epoch", "step", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
+
+
+def start(args: list[str], cwd: Path, kill_at: str | None = None) -> subprocess.Popen:
+    command = [sys.executable, str(KILL_CHILD), kill_at, *args] if kill_at else ["snn-train", *args]
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str]:
+    _, stderr = process.communicate(timeout=300)
+    return process.returncode, stderr
+
+
+def checkpoint_step(path: Path) -> int:
+    return load_checkpoint(path)["step"]
+
+
+def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [(s.step, s.value) for s in events.Scalars(tag)]
+
+
+def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    overrides = [*tiny_overrides, *RUN]
+    reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
+    reference = start([*overrides, f"hydra.run.dir={reference_dir}"], tmp_path)
+    checkpoints = run_dir / "checkpoints"
+
+    # 1. SIGKILL mid-epoch 1, after step 5: the checkpoint of step 4 is the last one.
+    code, stderr = finish(start([*overrides, f"hydra.run.dir={run_dir}"], tmp_path, "step:5"))
+    assert code == -signal.SIGKILL, stderr
+    assert checkpoint_step(checkpoints / "last.pt") == 4
+
+    # 2. SIGTERM after the resumed process's 3rd step (step 7, epoch 2): a checkpoint there, a clean stop.
+    code, stderr = finish(start([*overrides, f"train.resume={run_dir}"], tmp_path, "term:3"))
+    assert code == 128 + signal.SIGTERM
+    assert "Traceback" not in stderr and f"interrupted at step 7: saved {checkpoints / 'last.pt'}" in stderr
+    assert checkpoint_step(checkpoints / "last.pt") == 7
+    assert [e["epoch"] for e in json.loads((run_dir / "metrics.json").read_text())["epochs"]] == [1]
+
+    # 3. SIGKILL halfway through the 2nd checkpoint write (epoch 2's end, after step 8's): last.pt has
+    #    become previous.pt, the new one is a half-written temporary file; epoch 2's test scalars are logged.
+    code, stderr = finish(start([*overrides, f"train.resume={checkpoints / 'last.pt'}"], tmp_path, "save:2"))
+    assert code == -signal.SIGKILL, stderr
+    assert not (checkpoints / "last.pt").exists() and (checkpoints / "last.pt.tmp").exists()
+    assert checkpoint_step(checkpoints / "previous.pt") == 8
+
+    # 4. SIGKILL inside epoch 3's evaluation (the 4th eval-mode forward pass: epoch 2's evaluation took 3).
+    code, stderr = finish(start([*overrides, f"train.resume={run_dir}"], tmp_path, "eval:4"))
+    assert code == -signal.SIGKILL, stderr
+    assert checkpoint_step(checkpoints / "last.pt") == 16
+
+    # 5. Resume to the end.
+    code, stderr = finish(start([*overrides, f"train.resume={run_dir}"], tmp_path))
+    assert code == 0, stderr
+    assert finish(reference)[0] == 0
+    assert not (tmp_path / "outputs").exists()  # every resumed session wrote into the run's own folder
+
+    expected, resumed = load_checkpoint(reference_dir / "checkpoints" / "last.pt"), load_checkpoint(checkpoints / "last.pt")
+    assert expected["model"].keys() == resumed["model"].keys()
+    assert all(torch.equal(expected["model"][name], resumed["model"][name]) for name in expected["model"])
+    for expected_state, resumed_state in zip(expected["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert all(torch.equal(expected_state[key], resumed_state[key]) for key in expected_state)
+
+    expected_epochs = json.loads((reference_dir / "metrics.json").read_text())["epochs"]
+    resumed_epochs = json.loads((run_dir / "metrics.json").read_text())["epochs"]
+    assert [{k: e[k] for k in COMPARED} for e in resumed_epochs] == [{k: e[k] for k in COMPARED} for e in expected_epochs]
+    assert len(resumed_epochs) == 3
+
+    for tag in ("Loss/train", "Accuracy/train", "LR", "SpikeRate/fc1", "Loss/test"):
+        assert scalars(run_dir, tag) == scalars(reference_dir, tag), tag  # same steps, same values, nothing twice
+    assert [step for step, _ in scalars(run_dir, "Loss/train")] == list(range(1, 19))
