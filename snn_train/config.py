@@ -239,6 +239,9 @@ def validate(cfg: DictConfig) -> None:
     _check_positive(cfg, "optim.lr", "e.g. optim.lr=2e-3")
     _check(cfg.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}")
     _check(cfg.optim.momentum >= 0, f"optim.momentum must be >= 0, got {cfg.optim.momentum}")
+    if cfg.optim.name in ("adam", "adamw"):
+        _check(cfg.optim.momentum < 1, f"optim.momentum is {cfg.optim.name}'s beta1 and must be < 1, got {cfg.optim.momentum}")
+    _check(0 <= cfg.train.seed < 2**63, f"train.seed must lie in 0..2**63-1, got {cfg.train.seed}")
     if cfg.train.grad_clip is not None:
         _check_positive(cfg, "train.grad_clip", "or train.grad_clip=null to turn clipping off")
     if cfg.train.limit_batches is not None:

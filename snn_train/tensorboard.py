@@ -39,14 +39,24 @@ class RunLogger:
         self.writer.add_scalar("SpikeRate/encoder", encoded.float().mean().item(), step)
         for name, layer in trace.items():
             self.writer.add_scalar(f"SpikeRate/{name}", layer.spikes.float().mean().item(), step)
-            self.writer.add_histogram(f"Voltage/{name}", layer.voltage.float(), step)
-            self.writer.add_histogram(f"SpikeCount/{name}", layer.spikes.float().sum(0), step)
+            self.histogram(step, f"Voltage/{name}", layer.voltage)
+            self.histogram(step, f"SpikeCount/{name}", layer.spikes.float().sum(0))
 
     def parameters(self, step: int, model: nn.Module) -> None:
         for name, parameter in model.named_parameters():
-            self.writer.add_histogram(f"Parameters/{name}", parameter.detach().float(), step)
+            self.histogram(step, f"Parameters/{name}", parameter.detach())
             if parameter.grad is not None:
-                self.writer.add_histogram(f"Gradients/{name}", parameter.grad.float(), step)
+                self.histogram(step, f"Gradients/{name}", parameter.grad)
+
+    def histogram(self, step: int, tag: str, values: torch.Tensor) -> None:
+        """The finite values only (a diverging run's voltages overflow); nothing if none are."""
+        finite = values.float()[torch.isfinite(values)]
+        if not finite.numel():
+            return
+        try:
+            self.writer.add_histogram(tag, finite, step)
+        except ValueError:  # torch's binning fails on ranges like ±1e30 (a diverging run): skip this histogram
+            return
 
     def readout_traces(self, step: int, voltages: torch.Tensor, label: int) -> None:
         """Readout voltages [T, classes] of one test sample, one line per class."""
