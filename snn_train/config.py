@@ -11,6 +11,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_MODULE = "snn_train.conf"
 
@@ -136,7 +137,7 @@ def register_schema() -> None:
     cs.store(group="schema/encoder", name="constant_current", node=ConstantCurrentEncoderConfig)
 
 
-def run_dir(resume: Optional[str], new_dir: str) -> str:
+def hydra_run_dir(resume: Optional[str], new_dir: str) -> str:
     """``hydra.run.dir``: a resumed run continues in its own folder (``<run>/checkpoints/<file>`` or ``<run>``)."""
     path = Path(resume) if resume is not None else None
     if path is not None and path.is_file() and path.parent.name == "checkpoints":
@@ -145,7 +146,7 @@ def run_dir(resume: Optional[str], new_dir: str) -> str:
 
 
 register_schema()
-OmegaConf.register_new_resolver("snn_train_run_dir", run_dir, replace=True)
+OmegaConf.register_new_resolver("snn_train_run_dir", hydra_run_dir, replace=True)
 
 DECODERS = ("max", "mean", "last")
 SCHEDULERS = ("none", "cosine")
@@ -221,17 +222,21 @@ def resume_differences(saved: dict[str, Any], cfg: DictConfig) -> list[str]:
     ]
 
 
-def _check_finite(cfg: DictConfig) -> None:
-    for key, value in flat_config(cfg).items():
-        for number in value if isinstance(value, list) else [value]:
-            _check(not isinstance(number, float) or math.isfinite(number), f"{key}={value} is not a finite number")
+def _flat_resolved(cfg: DictConfig) -> dict[str, Any]:
+    try:
+        return flat_config(cfg)
+    except OmegaConfBaseException as error:  # an interpolation (${...}) that does not resolve
+        raise ConfigError(f"{error.full_key}: {str(error).splitlines()[0]}") from None
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first impossible value; types and key names are checked by Hydra."""
+    flat = _flat_resolved(cfg)
     missing = sorted(OmegaConf.missing_keys(cfg))
     _check(not missing, f"missing config values: {', '.join(missing)}; set them on the command line (key=value)")
-    _check_finite(cfg)
+    for key, value in flat.items():
+        for number in value if isinstance(value, list) else [value]:
+            _check(not isinstance(number, float) or math.isfinite(number), f"{key}={value} is not a finite number")
     _check_positive(cfg, "seq_length", "the number of time steps T, e.g. seq_length=16")
     _check_positive(cfg, "train.epochs", "e.g. train.epochs=1")
     _check_positive(cfg, "train.batch_size", "e.g. train.batch_size=32")

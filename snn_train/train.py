@@ -9,7 +9,7 @@ import random
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from snn_train.checkpoint import check_writable, load_for_resume, restore, save_checkpoint, write_atomically
+from snn_train.checkpoint import LAST, check_writable, load_for_resume, restore, save_checkpoint, write_atomically
 from snn_train.config import ConfigError, resolve_device
 from snn_train.data import NUM_CLASSES, Split, batch_indices, load_split, to_unit_interval
 from snn_train.encoders import build_encoder
@@ -57,7 +57,7 @@ class EpochMetrics:
 class Progress:
     """Where a run stands: what a checkpoint holds beyond the states, to continue the loop exactly."""
 
-    epoch: int = 1  # the epoch in progress (the next one once an epoch is done)
+    epoch: int = 0  # the epoch of the last step (0 before the first); finished once ``history`` has it
     batch: int = 0  # batches of it done
     step: int = 0  # batches of the run done, skipped ones included: the step axis
     loss_sum: float = 0.0  # this epoch's train loss summed over samples, correct predictions, samples
@@ -70,7 +70,7 @@ class Progress:
 
     @classmethod
     def from_checkpoint(cls, state: dict[str, Any]) -> "Progress":
-        names = [name for name in cls.__dataclass_fields__ if name != "history"]
+        names = [f.name for f in fields(cls) if f.name != "history"]
         return cls(**{name: state[name] for name in names}, history=[EpochMetrics(**e) for e in state["history"]])
 
 
@@ -198,27 +198,32 @@ def start_run(cfg: DictConfig, run_dir: Path) -> Run:
     if resumed is not None:
         path, state = resumed
         progress = Progress.from_checkpoint(state)
-        epochs_begun = progress.epoch - (progress.batch == 0)
-        if epochs_begun > cfg.train.epochs:
-            raise ConfigError(f"train.epochs={cfg.train.epochs} but {path} has already begun epoch {epochs_begun}")
+        if progress.epoch > cfg.train.epochs:
+            raise ConfigError(f"train.epochs={cfg.train.epochs} but {path} has already begun epoch {progress.epoch}")
         restore(state, model, optimizer, scheduler, data_order)
         if scheduler is not None:
             scheduler.T_max = cfg.train.epochs * steps_per_epoch  # train.epochs may have changed: anneal to the new end
-        log.info("resuming %s: epoch %d after batch %d, step %d", path, progress.epoch, progress.batch, progress.step)
+        log.info("resuming %s: epoch %d, batch %d, step %d", path, progress.epoch, progress.batch, progress.step)
     logger = RunLogger(run_dir, purge_step=progress.step + 1 if resumed is not None else None)
     log.info("run dir %s, device %s, %d train / %d test samples\n%s\n%s", run_dir, device, len(train_set), len(test_set), encoder, model)
     started = time.perf_counter() - progress.wall_s
     return Run(cfg, run_dir, train_set, test_set, model, encoder, optimizer, scheduler, data_order, logger, progress, started)
 
 
-def save(run: Run, data_order: torch.Tensor) -> Path:
+def save(run: Run, data_order: torch.Tensor) -> None:
     """Checkpoint the run, unless its weights are no longer finite: then the last good checkpoint stays."""
     folder = run.run_dir / "checkpoints"
     if not all(torch.isfinite(p).all() for p in run.model.parameters()):
         raise TrainingError(f"the weights are no longer finite at step {run.progress.step}; stopped, keeping the checkpoints in {folder}")
     run.logger.flush()  # the event files hold every step up to the checkpoint; a resume purges later ones
     run.progress.wall_s = time.perf_counter() - run.started
-    return save_checkpoint(folder, run.model, run.optimizer, run.scheduler, run.cfg, data_order, asdict(run.progress))
+    save_checkpoint(folder, run.model, run.optimizer, run.scheduler, run.cfg, data_order, asdict(run.progress))
+
+
+def interrupted(run: Run, signum: int) -> Interrupted:
+    """The stop after a checkpoint, with how to continue."""
+    saved = run.run_dir / "checkpoints" / LAST
+    return Interrupted(signum, f"interrupted at step {run.progress.step}: saved {saved}; continue with train.resume={run.run_dir}")
 
 
 def train_step(run: Run, index: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -253,9 +258,11 @@ def train_step(run: Run, index: torch.Tensor, epoch: int) -> tuple[torch.Tensor,
     return None
 
 
-def train_epoch(run: Run, epoch: int, stop: list[int]) -> float:
-    """The epoch's remaining batches, checkpointing every train.checkpoint_every_n_steps and on a stop request; returns its seconds."""
+def train_epoch(run: Run, epoch: int, stop: list[int]) -> None:
+    """The epoch's remaining batches, checkpointing every train.checkpoint_every_n_steps, and on a stop request before stopping."""
     cfg, progress = run.cfg, run.progress
+    if progress.epoch != epoch:
+        progress.epoch, progress.batch = epoch, 0
     epoch_start = time.perf_counter() - progress.epoch_s
     epoch_order = run.data_order.get_state()  # a mid-epoch checkpoint draws this epoch's order again from it
     loss_sum = torch.tensor(progress.loss_sum, device=run.train_set.labels.device)
@@ -282,12 +289,11 @@ def train_epoch(run: Run, epoch: int, stop: list[int]) -> float:
         # Not at the epoch's last batch: the epoch-end checkpoint follows, after events logged at this same step.
         if stop or (progress.step % cfg.train.checkpoint_every_n_steps == 0 and progress.batch < len(batches)):
             tally(progress, loss_sum, correct, epoch_start)
-            path = save(run, epoch_order)
+            save(run, epoch_order)
         if stop:
-            raise Interrupted(stop[0], f"interrupted at step {progress.step}: saved {path}; continue with train.resume={run.run_dir}")
+            raise interrupted(run, stop[0])
     bar.close()
     tally(progress, loss_sum, correct, epoch_start)
-    return progress.epoch_s
 
 
 def tally(progress: Progress, loss_sum: torch.Tensor, correct: torch.Tensor, epoch_start: float) -> None:
@@ -295,8 +301,8 @@ def tally(progress: Progress, loss_sum: torch.Tensor, correct: torch.Tensor, epo
     progress.loss_sum, progress.correct, progress.epoch_s = loss_sum.item(), int(correct.item()), time.perf_counter() - epoch_start
 
 
-def end_epoch(run: Run, epoch: int, epoch_wall: float) -> EpochMetrics:
-    """Evaluate, log, start the next epoch's progress, checkpoint and write metrics.json."""
+def end_epoch(run: Run, epoch: int) -> None:
+    """Evaluate, log, record the epoch's metrics (resetting the running sums), checkpoint and write metrics.json."""
     cfg, progress = run.cfg, run.progress
     test_loss, test_accuracy = evaluate(run.model, run.encoder, run.test_set, cfg)
     seen, step = progress.seen, progress.step
@@ -307,21 +313,20 @@ def end_epoch(run: Run, epoch: int, epoch_wall: float) -> EpochMetrics:
         train_accuracy=progress.correct / seen if seen else math.nan,
         test_loss=test_loss,
         test_accuracy=test_accuracy,
-        samples_per_s=seen / epoch_wall,
+        samples_per_s=seen / progress.epoch_s,
         wall_s=time.perf_counter() - run.started,
     )
     if step % cfg.log.every_n_steps != 0:
         run.logger.scalars(step, {"Loss/train": metrics.train_loss, "Accuracy/train": metrics.train_accuracy, "LR": run.optimizer.param_groups[0]["lr"]})
     run.logger.scalars(step, {"Loss/test": test_loss, "Accuracy/test": test_accuracy})
     log_test_sample(run.logger, run.model, run.encoder, run.test_set, step)
-    run.progress = Progress(epoch + 1, 0, step, skipped=progress.skipped, history=[*progress.history, metrics])
+    run.progress = Progress(epoch, progress.batch, step, skipped=progress.skipped, history=[*progress.history, metrics])
     save(run, run.data_order.get_state())
     write_metrics(run.run_dir / "metrics.json", run.progress.history)
     log.info(
         "epoch %d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.0f samples/s",
         epoch, metrics.train_loss, metrics.train_accuracy, test_loss, test_accuracy, metrics.samples_per_s,
     )
-    return metrics
 
 
 def fit(cfg: DictConfig, run_dir: Path) -> list[EpochMetrics]:
@@ -332,11 +337,12 @@ def fit(cfg: DictConfig, run_dir: Path) -> list[EpochMetrics]:
     run = start_run(cfg, run_dir)
     try:
         with stop_requests() as stop:
-            for epoch in range(run.progress.epoch, cfg.train.epochs + 1):
-                epoch_wall = train_epoch(run, epoch, stop)
-                end_epoch(run, epoch, epoch_wall)
-                if stop:
-                    raise Interrupted(stop[0], f"interrupted after epoch {epoch}; continue with train.resume={run_dir}")
+            first = run.progress.epoch + (len(run.progress.history) == run.progress.epoch)  # the next one if finished
+            for epoch in range(first, cfg.train.epochs + 1):
+                train_epoch(run, epoch, stop)
+                end_epoch(run, epoch)
+                if stop:  # it came during the evaluation: the epoch's checkpoint is written
+                    raise interrupted(run, stop[0])
         history = run.progress.history
         run.logger.hparams(cfg, {"hparam/test_accuracy": history[-1].test_accuracy, "hparam/test_loss": history[-1].test_loss})
     finally:
