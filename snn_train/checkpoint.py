@@ -15,7 +15,7 @@ from torch import nn
 from snn_train.config import CHANGEABLE_ON_RESUME, ConfigError, resume_differences
 
 LAST, PREVIOUS = "last.pt", "previous.pt"
-REQUIRED_KEYS = ("model", "optimizer", "scheduler", "config", "rng", "step")
+REQUIRED_KEYS = ("model", "optimizer", "scheduler", "config", "rng", "epoch", "batch", "step", "history")
 
 
 class CheckpointError(RuntimeError):
@@ -64,8 +64,8 @@ def save_checkpoint(
     cfg: DictConfig,
     data_order: torch.Tensor,
     progress: dict[str, Any],
-) -> Path:
-    """Write folder/last.pt atomically after moving the one before to previous.pt; returns the new file.
+) -> None:
+    """Write folder/last.pt atomically after moving the one before to previous.pt.
 
     ``data_order`` is the data-order generator's state at the start of the epoch ``progress`` is in;
     ``progress`` holds the loop's position and running sums (at least ``step``).
@@ -83,7 +83,6 @@ def save_checkpoint(
     if last.exists():
         os.replace(last, folder / PREVIOUS)
     write_atomically(last, lambda f: torch.save(state, f))
-    return last
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

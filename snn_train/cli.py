@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -19,7 +20,7 @@ from snn_train.data import DataError
 from snn_train.train import Interrupted, TrainingError, fit
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Exit 2 with one line on stderr: the convention for errors a user can cause and fix."""
     print(f"snn-train: error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(2)
