@@ -99,6 +99,8 @@ class TrainConfig:
     device: str = MISSING
     grad_clip: Optional[float] = MISSING
     limit_batches: Optional[int] = MISSING
+    precision: str = MISSING
+    compile: bool = MISSING
 
 
 @dataclass
@@ -135,6 +137,7 @@ register_schema()
 
 DECODERS = ("max", "mean", "last")
 SCHEDULERS = ("none", "cosine")
+PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SURROGATES = ("super", "tanh", "triangle", "circ", "erfc", "atan")
 ENCODERS = ("direct", "poisson", "latency", "constant_current")
@@ -209,6 +212,7 @@ def validate(cfg: DictConfig) -> None:
     _check_choice(cfg, "optim.name", OPTIMIZERS)
     _check_choice(cfg, "decoder", DECODERS)
     _check_choice(cfg, "scheduler", SCHEDULERS)
+    _check_choice(cfg, "train.precision", PRECISIONS)
     if cfg.encoder.name == "poisson":
         _check_positive(cfg, "encoder.f_max", "the maximum firing rate in Hz, e.g. encoder.f_max=1000")
     if cfg.encoder.name in ("poisson", "constant_current"):

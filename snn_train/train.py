@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from snn_train.allocator import keep_freed_memory
 from snn_train.checkpoint import save_checkpoint, write_atomically
 from snn_train.config import resolve_device
 from snn_train.data import Split, batch_indices, load_split, to_unit_interval
@@ -63,6 +64,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: in
     return None
 
 
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """Mixed precision for ``train.precision=bf16``: convolutions and matmuls in bfloat16, neuron state in float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -77,7 +83,8 @@ def evaluate(model: ConvSNN, encoder: nn.Module, split: Split, cfg: DictConfig) 
     count = 0
     for index in batch_indices(len(split), cfg.train.eval_batch_size, None, cfg.train.limit_batches):
         labels = split.labels[index]
-        logits = decode(model(encoder(to_unit_interval(split.images[index]))), cfg.decoder)
+        with autocast(labels.device, cfg.train.precision):
+            logits = decode(model(encoder(to_unit_interval(split.images[index]))), cfg.decoder)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
         count += len(index)
@@ -105,13 +112,14 @@ def write_metrics(path: Path, epochs: list[EpochMetrics]) -> None:
 def fit(cfg: DictConfig, run_dir: Path) -> list[EpochMetrics]:
     """Train ``cfg``'s network, evaluating on the full test set after every epoch; returns per-epoch metrics."""
     device = resolve_device(cfg.train.device)
+    keep_freed_memory()
     train_set = load_split(cfg.data, train=True).to(device)
     test_set = load_split(cfg.data, train=False).to(device)
     seed_everything(cfg.train.seed)
     shuffle = torch.Generator().manual_seed(cfg.train.seed)
 
     input_shape = (1, *train_set.images.shape[1:])
-    model = ConvSNN.from_config(cfg.model, input_shape).to(device)
+    model = ConvSNN.from_config(cfg.model, input_shape, cfg.train.compile).to(device)
     encoder = build_encoder(cfg.encoder, cfg.seq_length).to(device)
     steps_per_epoch = math.ceil(len(train_set) / cfg.train.batch_size)
     if cfg.train.limit_batches is not None:
@@ -135,7 +143,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> list[EpochMetrics]:
             labels = train_set.labels[index]
             encoded = encoder(to_unit_interval(train_set.images[index]))
             trace: dict[str, LayerTrace] | None = {} if step % cfg.log.every_n_steps == 0 else None
-            logits = decode(model(encoded, trace), cfg.decoder)
+            with autocast(device, cfg.train.precision):
+                logits = decode(model(encoded, trace), cfg.decoder)
             loss = F.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
