@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from torch.nn import functional as F
 
 from snn_train.checkpoint import load_checkpoint, write_atomically
@@ -68,7 +70,69 @@ def build_network(checkpoint: dict[str, Any], train_cfg: DictConfig, test_set: S
     return model
 
 
+@dataclass
+class TestCounts:
+    """Sums over the test set: the confusion matrix, the loss, and each LIF layer's spikes and synaptic operations."""
+
+    confusion: torch.Tensor
+    loss_sum: float
+    spikes: dict[str, float]
+    operations: dict[str, float]
+    neurons: dict[str, int]
+
+
 @torch.no_grad()
+def count_test_set(model: ConvSNN, encoder: nn.Module, test_set: Split, decoder: str, batch_size: int, limit: int | None) -> TestCounts:
+    """Run the test set (or its first ``limit`` batches) through the network with every layer traced."""
+    num_classes = model.readout_linear.out_features
+    counts = TestCounts(
+        torch.zeros(num_classes, num_classes, dtype=torch.int64, device=test_set.labels.device), 0.0,
+        dict.fromkeys(model.lif_layer_names(), 0.0), dict.fromkeys(model.lif_layer_names(), 0.0), {},
+    )
+    for index in batch_indices(len(test_set), batch_size, None, limit):
+        labels = test_set.labels[index]
+        trace: dict[str, LayerTrace] = {}
+        logits = decode(model(encoder(to_unit_interval(test_set.images[index])), trace), decoder)
+        counts.loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        counts.confusion += confusion_matrix(labels, logits.argmax(1), num_classes)
+        for name, layer in trace.items():
+            counts.spikes[name] += layer.spikes.sum(dtype=torch.float64).item()
+            counts.neurons[name] = layer.spikes[0, 0].numel()
+        for name, operations in model.synaptic_operations(trace).items():
+            counts.operations[name] += operations.sum(dtype=torch.float64).item()
+    return counts
+
+
+def report(file: Path, checkpoint: dict[str, Any], train_cfg: DictConfig, data_cfg: DictConfig, counts: TestCounts) -> dict[str, Any]:
+    """The figures of eval.json (README: "Evaluate a checkpoint"), per test sample where they are counts."""
+    samples = int(counts.confusion.sum())
+    steps = train_cfg.seq_length
+    return {
+        "checkpoint": str(file),
+        "epoch": checkpoint["epoch"],
+        "step": checkpoint["step"],
+        "data": {"name": data_cfg.name, "root": data_cfg.root, "split": "test"},
+        "samples": samples,
+        "time_steps": steps,
+        "latency_s": steps * train_cfg.model.lif.dt,
+        "accuracy": counts.confusion.trace().item() / samples,
+        "loss": counts.loss_sum / samples,
+        "per_class_accuracy": per_class_accuracy(counts.confusion),
+        "confusion_matrix": counts.confusion.tolist(),
+        "layers": {
+            name: {
+                "neurons": counts.neurons[name],
+                "spike_rate": counts.spikes[name] / (samples * steps * counts.neurons[name]),
+                "spikes_per_sample": counts.spikes[name] / samples,
+                "synops_per_sample": counts.operations[name] / samples,
+            }
+            for name in counts.spikes
+        },
+        "spikes_per_sample": sum(counts.spikes.values()) / samples,
+        "synops_per_sample": sum(counts.operations.values()) / samples,
+    }
+
+
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.checkpoint`` on its own test set (or ``cfg.data``'s); write eval.json beside it and return the report."""
     file = checkpoint_file(Path(cfg.checkpoint))
@@ -81,58 +145,17 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     test_set = test_set.to(device)
     encoder = build_encoder(train_cfg.encoder, train_cfg.seq_length).to(device)
     seed_everything(train_cfg.train.seed)
-
-    num_classes = train_cfg.model.num_classes
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    loss_sum = torch.zeros((), device=device)
-    spikes = dict.fromkeys(model.lif_layer_names(), 0.0)
-    operations = dict.fromkeys(model.lif_layer_names(), 0.0)
-    neurons: dict[str, int] = {}
-    for index in batch_indices(len(test_set), cfg.batch_size, None, cfg.limit_batches):
-        labels = test_set.labels[index]
-        trace: dict[str, LayerTrace] = {}
-        logits = decode(model(encoder(to_unit_interval(test_set.images[index])), trace), train_cfg.decoder)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-        confusion += confusion_matrix(labels, logits.argmax(1), num_classes)
-        for name, layer in trace.items():
-            spikes[name] += layer.spikes.sum().item()
-            neurons[name] = layer.spikes[0, 0].numel()
-        for name, ops in model.synaptic_operations(trace).items():
-            operations[name] += ops.sum().item()
-
-    samples = int(confusion.sum())
-    report = {
-        "checkpoint": str(file),
-        "epoch": checkpoint["epoch"],
-        "step": checkpoint["step"],
-        "data": {"name": data_cfg.name, "root": data_cfg.root, "split": "test"},
-        "samples": samples,
-        "time_steps": train_cfg.seq_length,
-        "latency_s": train_cfg.seq_length * train_cfg.model.lif.dt,
-        "accuracy": confusion.trace().item() / samples,
-        "loss": loss_sum.item() / samples,
-        "per_class_accuracy": per_class_accuracy(confusion),
-        "confusion_matrix": confusion.tolist(),
-        "layers": {
-            name: {
-                "neurons": neurons[name],
-                "spike_rate": spikes[name] / (samples * train_cfg.seq_length * neurons[name]),
-                "spikes_per_sample": spikes[name] / samples,
-                "synops_per_sample": operations[name] / samples,
-            }
-            for name in model.lif_layer_names()
-        },
-        "spikes_per_sample": sum(spikes.values()) / samples,
-        "synops_per_sample": sum(operations.values()) / samples,
-    }
-    text = json.dumps(report, indent=2)
+    counts = count_test_set(model, encoder, test_set, train_cfg.decoder, cfg.batch_size, cfg.limit_batches)
+    result = report(file, checkpoint, train_cfg, data_cfg, counts)
+    text = json.dumps(result, indent=2)
     write_atomically(file.with_name("eval.json"), lambda f: f.write(text.encode()))
     if cfg.tensorboard:
-        write_images(file.parent, checkpoint["step"], confusion, model, encoder, test_set, cfg.raster_samples)
-    return report
+        write_images(file.parent, checkpoint["step"], counts.confusion, model, encoder, test_set, cfg.raster_samples)
+    return result
 
 
-def write_images(log_dir: Path, step: int, confusion: torch.Tensor, model: ConvSNN, encoder: torch.nn.Module, test_set: Split, samples: int) -> None:
+@torch.no_grad()
+def write_images(log_dir: Path, step: int, confusion: torch.Tensor, model: ConvSNN, encoder: nn.Module, test_set: Split, samples: int) -> None:
     """TensorBoard images beside eval.json: the confusion matrix and each layer's spike raster for the first test samples."""
     logger = RunLogger(log_dir)
     logger.confusion_matrix(step, confusion)
