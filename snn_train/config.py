@@ -123,10 +123,22 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
+@dataclass
+class EvalConfig:
+    checkpoint: str = MISSING
+    data: Optional[DataConfig] = MISSING
+    device: str = MISSING
+    batch_size: int = MISSING
+    limit_batches: Optional[int] = MISSING
+    tensorboard: bool = MISSING
+    raster_samples: int = MISSING
+
+
 def register_schema() -> None:
-    """Put the schema where configs/config.yaml and configs/encoder/*.yaml find it."""
+    """Put the schemas where configs/config.yaml, configs/eval.yaml and configs/encoder/*.yaml find them."""
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
+    cs.store(name="eval_schema", node=EvalConfig)
     cs.store(group="schema/encoder", name="direct", node=DirectEncoderConfig)
     cs.store(group="schema/encoder", name="latency", node=LatencyEncoderConfig)
     cs.store(group="schema/encoder", name="poisson", node=PoissonEncoderConfig)
@@ -159,20 +171,20 @@ def _check_choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, f"{key}={value} is not one of {', '.join(choices)}")
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, key: str = "train.device") -> torch.device:
     """``auto`` is cuda when a GPU is present, else cpu; anything else must exist on this machine."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"train.device={device} is not a device; use auto, cpu or cuda[:N]") from None
-    _check(resolved.type in ("cpu", "cuda"), f"train.device={device} is not supported; use auto, cpu or cuda[:N]")
+        raise ConfigError(f"{key}={device} is not a device; use auto, cpu or cuda[:N]") from None
+    _check(resolved.type in ("cpu", "cuda"), f"{key}={device} is not supported; use auto, cpu or cuda[:N]")
     if resolved.type == "cuda":
-        _check(torch.cuda.is_available(), f"train.device={device} but no CUDA GPU is available; use train.device=cpu or auto")
+        _check(torch.cuda.is_available(), f"{key}={device} but no CUDA GPU is available; use {key}=cpu or auto")
         index = resolved.index or 0
         count = torch.cuda.device_count()
-        _check(index < count, f"train.device={device} but only {count} GPU(s) are present")
+        _check(index < count, f"{key}={device} but only {count} GPU(s) are present")
     return resolved
 
 
@@ -221,6 +233,16 @@ def validate(cfg: DictConfig) -> None:
         _check_positive(cfg, "encoder.tau_mem_inv", "e.g. encoder.tau_mem_inv=100")
         _check(cfg.encoder.v_th > cfg.encoder.v_reset, "encoder.v_th must be above encoder.v_reset")
     resolve_device(cfg.train.device)
+
+
+def validate_eval(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first impossible value of an ``snn-eval`` config (configs/eval.yaml)."""
+    _check(not OmegaConf.is_missing(cfg, "checkpoint"), "no checkpoint given; use snn-eval checkpoint=<checkpoint file or run directory>")
+    _check_positive(cfg, "batch_size", "e.g. batch_size=100")
+    if cfg.limit_batches is not None:
+        _check_positive(cfg, "limit_batches", "or limit_batches=null for the whole test set")
+    _check(cfg.raster_samples >= 0, f"raster_samples must be >= 0, got {cfg.raster_samples}")
+    resolve_device(cfg.device, "device")
 
 
 def load_config(overrides: list[str] | None = None) -> DictConfig:

@@ -69,6 +69,14 @@ def convolve_over_time(conv: nn.Conv2d, x: torch.Tensor, scale: float) -> torch.
     return currents.unflatten(0, x.shape[:2])
 
 
+def conv_fan_out(conv: nn.Conv2d, input_size: Sequence[int]) -> torch.Tensor:
+    """Synapses each input position [H, W] drives in ``conv`` (stride 1, no padding): out_channels times the
+    output positions whose k×k window covers it, k² inside and fewer near the border."""
+    k = conv.kernel_size[0]
+    covered = torch.ones(1, 1, input_size[0] - k + 1, input_size[1] - k + 1, device=conv.weight.device)
+    return F.conv_transpose2d(covered, torch.ones(1, 1, k, k, device=conv.weight.device))[0, 0] * conv.out_channels
+
+
 class ConvSNN(nn.Module):
     """conv → ×scale → LIF → maxpool (per conv layer) → fc → LIF (per fc layer) → linear → LI readout.
 
@@ -143,6 +151,19 @@ class ConvSNN(nn.Module):
     def lif_layer_names(self) -> list[str]:
         """Names of the LIF layers, in order, as used for traces and logging."""
         return [f"conv{n + 1}" for n in range(len(self.convs))] + [f"fc{n + 1}" for n in range(len(self.fcs))]
+
+    def synaptic_operations(self, trace: dict[str, LayerTrace]) -> dict[str, torch.Tensor]:
+        """Per sample [B], for each LIF layer: the events it sends on (a conv layer's after max-pooling,
+        one per pooling window with a spike) times the synapses each event drives in the next weighted layer."""
+        targets = [*self.convs[1:], *self.fcs, self.readout_linear]
+        operations = {}
+        for n, (name, target) in enumerate(zip(self.lif_layer_names(), targets)):
+            events = trace[name].spikes
+            if n < len(self.convs):
+                events = F.max_pool2d(events.flatten(0, 1), self.pool_size).unflatten(0, events.shape[:2])
+            fan_out = conv_fan_out(target, events.shape[-2:]) if isinstance(target, nn.Conv2d) else target.out_features
+            operations[name] = (events * fan_out).sum(dim=[0, *range(2, events.dim())])
+        return operations
 
     def forward(self, x: torch.Tensor, trace: dict[str, LayerTrace] | None = None) -> torch.Tensor:
         """Readout voltages [T, B, classes] for input [T, B, C, H, W]; fills ``trace`` if given."""
