@@ -62,6 +62,7 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     else:
+        print("  ".join(f"{c:>8}" for c in COLUMNS[1:]) + "  overrides")
         for row in rows:
             print("  ".join(f"{row[c]!s:>8}" for c in COLUMNS[1:]) + f"  {row['overrides']}")
 

@@ -15,7 +15,8 @@ from torch import nn
 from snn_train.config import CHANGEABLE_ON_RESUME, ConfigError, resume_differences
 
 LAST, PREVIOUS = "last.pt", "previous.pt"
-REQUIRED_KEYS = ("model", "optimizer", "scheduler", "config", "rng", "epoch", "batch", "step", "history")
+CHECKPOINT_KEYS = ("model", "config", "epoch", "step")  # what snn-eval needs; resuming needs RESUME_KEYS too
+RESUME_KEYS = ("optimizer", "scheduler", "rng", "batch", "history")
 
 
 class CheckpointError(RuntimeError):
@@ -92,20 +93,21 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     except Exception as error:  # torch.load fails in many ways on a damaged file: each means "unreadable"
         reason = " ".join(str(error).split()) or type(error).__name__
         raise CheckpointError(f"{path} is not a readable checkpoint ({reason[:200]})") from None
-    missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise CheckpointError(f"{path} is not an snn-train checkpoint (it lacks {', '.join(missing)})")
     return state
 
 
-def find_checkpoint(resume: Path) -> Path:
-    """The checkpoint to resume from: the file given, or a run folder's newest checkpoint."""
-    if resume.is_file():
-        return resume
-    for name in (LAST, PREVIOUS):  # previous.pt alone: the process died while replacing last.pt
-        if (resume / "checkpoints" / name).is_file():
-            return resume / "checkpoints" / name
-    raise CheckpointError(f"train.resume={resume}: no checkpoint there (expected a .pt file or a run folder with checkpoints/{LAST})")
+def find_checkpoint(path: Path) -> Path:
+    """The checkpoint file given, or a run folder's newest: checkpoints/last.pt (previous.pt if it died replacing it)."""
+    file = path
+    if path.is_dir():
+        candidates = [path / "checkpoints" / name for name in (LAST, PREVIOUS)]
+        file = next((candidate for candidate in candidates if candidate.is_file()), candidates[0])
+    if not file.is_file():
+        raise CheckpointError(f"no checkpoint at {file}; give a checkpoint file or a run folder holding checkpoints/{LAST}")
+    return file
 
 
 def load_for_resume(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
@@ -117,6 +119,9 @@ def load_for_resume(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         if path.name != LAST or not path.with_name(PREVIOUS).is_file():
             raise
         raise CheckpointError(f"{error}; train.resume={path.with_name(PREVIOUS)} continues from the one before") from None
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} cannot be resumed: it lacks {', '.join(missing)} (written by an snn-train that could not resume)")
     differences = resume_differences(state["config"], cfg)
     if differences:
         raise ConfigError(

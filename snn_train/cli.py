@@ -1,4 +1,4 @@
-"""The thin Hydra entry point: compose the config, check it, hand it to train.fit; every user error in one line."""
+"""The thin Hydra entry points: compose the config, check it, hand it to train.fit or evaluation.evaluate_checkpoint."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
 from snn_train.checkpoint import CheckpointError
-from snn_train.config import ConfigError, validate
+from snn_train.config import ConfigError, validate, validate_eval
 from snn_train.data import DataError
+from snn_train.evaluation import evaluate_checkpoint, format_report
 from snn_train.train import Interrupted, TrainingError, fit
 
 
@@ -67,3 +68,19 @@ def train() -> None:
     except KeyboardInterrupt:
         print("snn-train: interrupted before training started", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def evaluate(cfg: DictConfig) -> float:
+    """Evaluate a checkpoint, print the report and write it as eval.json beside the checkpoint; returns the accuracy."""
+    try:
+        validate_eval(cfg)
+        cfg.checkpoint = to_absolute_path(cfg.checkpoint)
+        if cfg.data is not None:
+            cfg.data.root = to_absolute_path(cfg.data.root)
+        report = evaluate_checkpoint(cfg)
+    except (ConfigError, DataError, CheckpointError) as error:
+        print(f"snn-eval: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(format_report(report))
+    return report["accuracy"]

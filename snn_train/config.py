@@ -102,6 +102,8 @@ class TrainConfig:
     device: str = MISSING
     grad_clip: Optional[float] = MISSING
     limit_batches: Optional[int] = MISSING
+    precision: str = MISSING
+    compile: bool = MISSING
     checkpoint_every_n_steps: int = MISSING
     on_nan: str = MISSING
     resume: Optional[str] = MISSING
@@ -127,10 +129,22 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
+@dataclass
+class EvalConfig:
+    checkpoint: str = MISSING
+    data: Optional[DataConfig] = MISSING
+    device: str = MISSING
+    batch_size: int = MISSING
+    limit_batches: Optional[int] = MISSING
+    tensorboard: bool = MISSING
+    raster_samples: int = MISSING
+
+
 def register_schema() -> None:
-    """Put the schema where configs/config.yaml and configs/encoder/*.yaml find it."""
+    """Put the schemas where configs/config.yaml, configs/eval.yaml and configs/encoder/*.yaml find them."""
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
+    cs.store(name="eval_schema", node=EvalConfig)
     cs.store(group="schema/encoder", name="direct", node=DirectEncoderConfig)
     cs.store(group="schema/encoder", name="latency", node=LatencyEncoderConfig)
     cs.store(group="schema/encoder", name="poisson", node=PoissonEncoderConfig)
@@ -150,16 +164,17 @@ OmegaConf.register_new_resolver("snn_train_run_dir", hydra_run_dir, replace=True
 
 DECODERS = ("max", "mean", "last")
 SCHEDULERS = ("none", "cosine")
+PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SURROGATES = ("super", "tanh", "triangle", "circ", "erfc", "atan")
 ENCODERS = ("direct", "poisson", "latency", "constant_current")
 DATASETS = ("mnist", "fashion_mnist", "kmnist")
 ON_NAN = ("stop", "skip")
-# What may differ from a checkpoint's config when resuming it: how long to run, where and how to log and
-# evaluate, where the data lives. Everything else (network, T, data set, optimizer, seed, batches) must match.
+# What may differ from a checkpoint's config when resuming it: how long to run, where and how to compute,
+# log and evaluate, where the data lives. Everything else (network, T, data set, optimizer, seed, batches) must match.
 CHANGEABLE_ON_RESUME = (
     "train.epochs", "train.resume", "train.device", "train.eval_batch_size", "train.checkpoint_every_n_steps",
-    "train.on_nan", "log", "data.root", "data.download",
+    "train.on_nan", "train.precision", "train.compile", "log", "data.root", "data.download",
 )
 
 
@@ -178,20 +193,20 @@ def _check_choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, f"{key}={value} is not one of {', '.join(choices)}")
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, key: str = "train.device") -> torch.device:
     """``auto`` is cuda when a GPU is present, else cpu; anything else must exist on this machine."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"train.device={device} is not a device; use auto, cpu or cuda[:N]") from None
-    _check(resolved.type in ("cpu", "cuda"), f"train.device={device} is not supported; use auto, cpu or cuda[:N]")
+        raise ConfigError(f"{key}={device} is not a device; use auto, cpu or cuda[:N]") from None
+    _check(resolved.type in ("cpu", "cuda"), f"{key}={device} is not supported; use auto, cpu or cuda[:N]")
     if resolved.type == "cuda":
-        _check(torch.cuda.is_available(), f"train.device={device} but no CUDA GPU is available; use train.device=cpu or auto")
+        _check(torch.cuda.is_available(), f"{key}={device} but no CUDA GPU is available; use {key}=cpu or auto")
         index = resolved.index or 0
         count = torch.cuda.device_count()
-        _check(index < count, f"train.device={device} but only {count} GPU(s) are present")
+        _check(index < count, f"{key}={device} but only {count} GPU(s) are present")
     return resolved
 
 
@@ -278,6 +293,7 @@ def validate(cfg: DictConfig) -> None:
     _check_choice(cfg, "optim.name", OPTIMIZERS)
     _check_choice(cfg, "decoder", DECODERS)
     _check_choice(cfg, "scheduler", SCHEDULERS)
+    _check_choice(cfg, "train.precision", PRECISIONS)
     if cfg.encoder.name == "poisson":
         _check_positive(cfg, "encoder.f_max", "the maximum firing rate in Hz, e.g. encoder.f_max=1000")
     if cfg.encoder.name in ("poisson", "constant_current"):
@@ -286,6 +302,16 @@ def validate(cfg: DictConfig) -> None:
         _check_positive(cfg, "encoder.tau_mem_inv", "e.g. encoder.tau_mem_inv=100")
         _check(cfg.encoder.v_th > cfg.encoder.v_reset, "encoder.v_th must be above encoder.v_reset")
     resolve_device(cfg.train.device)
+
+
+def validate_eval(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first impossible value of an ``snn-eval`` config (configs/eval.yaml)."""
+    _check(not OmegaConf.is_missing(cfg, "checkpoint"), "no checkpoint given; use snn-eval checkpoint=<checkpoint file or run directory>")
+    _check_positive(cfg, "batch_size", "e.g. batch_size=100")
+    if cfg.limit_batches is not None:
+        _check_positive(cfg, "limit_batches", "or limit_batches=null for the whole test set")
+    _check(cfg.raster_samples >= 0, f"raster_samples must be >= 0, got {cfg.raster_samples}")
+    resolve_device(cfg.device, "device")
 
 
 def load_config(overrides: list[str] | None = None) -> DictConfig:

@@ -23,12 +23,13 @@ class LayerTrace:
 class LIF(nn.Module):
     """A layer of LIF neurons: input currents [T, B, ...] to spikes [T, B, ...] in one call."""
 
-    def __init__(self, p: LIFParameters) -> None:
+    def __init__(self, p: LIFParameters, compiled_backward: bool = False) -> None:
         super().__init__()
         self.p = p
+        self.compiled_backward = compiled_backward
 
     def forward(self, currents: torch.Tensor, trace: dict[str, LayerTrace] | None = None, name: str = "") -> torch.Tensor:
-        spikes, voltage = lif_sequence(currents, self.p, record_voltage=trace is not None)
+        spikes, voltage = lif_sequence(currents, self.p, trace is not None, self.compiled_backward)
         if trace is not None:
             trace[name] = LayerTrace(spikes.detach(), voltage)
         return spikes
@@ -37,7 +38,8 @@ class LIF(nn.Module):
         p = self.p
         return (
             f"tau_syn_inv={p.tau_syn_inv}, tau_mem_inv={p.tau_mem_inv}, v_leak={p.v_leak}, v_th={p.v_th}, "
-            f"v_reset={p.v_reset}, dt={p.dt}, surrogate={p.surrogate}, alpha={p.alpha}"
+            f"v_reset={p.v_reset}, dt={p.dt}, surrogate={p.surrogate}, alpha={p.alpha}, "
+            f"compiled_backward={self.compiled_backward}"
         )
 
 
@@ -56,11 +58,31 @@ class LI(nn.Module):
         return f"tau_syn_inv={p.tau_syn_inv}, tau_mem_inv={p.tau_mem_inv}, v_leak={p.v_leak}, dt={p.dt}"
 
 
+def convolve_over_time(conv: nn.Conv2d, x: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale·conv(x) at every step of [T, B, C, H, W], in channels-last layout (faster convolution and pooling on CPU).
+
+    A time-invariant input (stride 0 over T, as the direct encoder gives) is convolved once and the result repeated.
+    """
+    if x.stride(0) == 0:
+        return (conv(x[0].contiguous(memory_format=torch.channels_last)) * scale).expand(x.shape[0], -1, -1, -1, -1)
+    currents = conv(x.flatten(0, 1).contiguous(memory_format=torch.channels_last)) * scale
+    return currents.unflatten(0, x.shape[:2])
+
+
+def conv_fan_out(conv: nn.Conv2d, input_size: Sequence[int]) -> torch.Tensor:
+    """Synapses each input position [H, W] drives in ``conv`` (stride 1, no padding): out_channels times the
+    output positions whose k×k window covers it, k² inside and fewer near the border."""
+    k = conv.kernel_size[0]
+    covered = torch.ones(1, 1, input_size[0] - k + 1, input_size[1] - k + 1, device=conv.weight.device)
+    return F.conv_transpose2d(covered, torch.ones(1, 1, k, k, device=conv.weight.device))[0, 0] * conv.out_channels
+
+
 class ConvSNN(nn.Module):
     """conv → ×scale → LIF → maxpool (per conv layer) → fc → LIF (per fc layer) → linear → LI readout.
 
     Input [T, B, C, H, W]; output readout voltages [T, B, num_classes]. Stateless layers run once
-    over the T·B-flattened tensor; each LIF layer runs the whole sequence in one call.
+    over the T·B-flattened tensor; each LIF layer runs the whole sequence in one call, its backward
+    pass compiled with torch.compile if ``compiled_backward``.
     """
 
     def __init__(
@@ -75,6 +97,7 @@ class ConvSNN(nn.Module):
         readout_bias: bool,
         lif: LIFParameters,
         readout: LIParameters,
+        compiled_backward: bool = False,
     ) -> None:
         super().__init__()
         if not len(conv_channels) == len(kernel_sizes) == len(conv_scales):
@@ -86,10 +109,10 @@ class ConvSNN(nn.Module):
         self.convs = nn.ModuleList(
             nn.Conv2d(c_in, c_out, k) for c_in, c_out, k in zip(channels, channels[1:], kernel_sizes)
         )
-        self.conv_lifs = nn.ModuleList(LIF(lif) for _ in conv_channels)
+        self.conv_lifs = nn.ModuleList(LIF(lif, compiled_backward) for _ in conv_channels)
         features = [self._flat_features(), *fc_features]
         self.fcs = nn.ModuleList(nn.Linear(f_in, f_out) for f_in, f_out in zip(features, features[1:]))
-        self.fc_lifs = nn.ModuleList(LIF(lif) for _ in fc_features)
+        self.fc_lifs = nn.ModuleList(LIF(lif, compiled_backward) for _ in fc_features)
         self.readout_linear = nn.Linear(features[-1], num_classes, bias=readout_bias)
         self.readout = LI(readout)
 
@@ -97,7 +120,7 @@ class ConvSNN(nn.Module):
         return f"input_shape={self.input_shape}, conv_scales={self.conv_scales}, pool_size={self.pool_size}"
 
     @classmethod
-    def from_config(cls, model_cfg: Any, input_shape: Sequence[int]) -> "ConvSNN":
+    def from_config(cls, model_cfg: Any, input_shape: Sequence[int], compiled_backward: bool = False) -> "ConvSNN":
         """Build from the ``model`` config node (see configs/model/)."""
         lif = LIFParameters(surrogate=model_cfg.surrogate, **model_cfg.lif)
         readout = LIParameters(dt=model_cfg.lif.dt, **model_cfg.readout)
@@ -112,6 +135,7 @@ class ConvSNN(nn.Module):
             readout_bias=model_cfg.readout_bias,
             lif=lif,
             readout=readout,
+            compiled_backward=compiled_backward,
         )
 
     def _flat_features(self) -> int:
@@ -128,13 +152,25 @@ class ConvSNN(nn.Module):
         """Names of the LIF layers, in order, as used for traces and logging."""
         return [f"conv{n + 1}" for n in range(len(self.convs))] + [f"fc{n + 1}" for n in range(len(self.fcs))]
 
+    def synaptic_operations(self, trace: dict[str, LayerTrace]) -> dict[str, torch.Tensor]:
+        """Per sample [B], for each LIF layer: the events it sends on (a conv layer's after max-pooling,
+        one per pooling window with a spike) times the synapses each event drives in the next weighted layer."""
+        targets = [*self.convs[1:], *self.fcs, self.readout_linear]
+        operations = {}
+        for n, (name, target) in enumerate(zip(self.lif_layer_names(), targets)):
+            events = trace[name].spikes
+            if n < len(self.convs):
+                events = F.max_pool2d(events.flatten(0, 1), self.pool_size).unflatten(0, events.shape[:2])
+            fan_out = conv_fan_out(target, events.shape[-2:]) if isinstance(target, nn.Conv2d) else target.out_features
+            operations[name] = (events * fan_out).sum(dim=[0, *range(2, events.dim())])
+        return operations
+
     def forward(self, x: torch.Tensor, trace: dict[str, LayerTrace] | None = None) -> torch.Tensor:
         """Readout voltages [T, B, classes] for input [T, B, C, H, W]; fills ``trace`` if given."""
         T, B = x.shape[:2]
         h = x
         for n, (conv, scale, lif) in enumerate(zip(self.convs, self.conv_scales, self.conv_lifs)):
-            currents = conv(h.flatten(0, 1)) * scale
-            spikes = lif(currents.unflatten(0, (T, B)), trace, f"conv{n + 1}")
+            spikes = lif(convolve_over_time(conv, h, scale), trace, f"conv{n + 1}")
             h = F.max_pool2d(spikes.flatten(0, 1), self.pool_size).unflatten(0, (T, B))
         h = h.flatten(2)
         for n, (fc, lif) in enumerate(zip(self.fcs, self.fc_lifs)):

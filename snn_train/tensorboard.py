@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
@@ -77,6 +78,33 @@ class RunLogger:
         axes.set(xlabel="time step", ylabel="input neuron", title="input spikes of test sample 0")
         figure.tight_layout()
         self.writer.add_figure("Input/spike_raster", figure, step)
+
+    def confusion_matrix(self, step: int, matrix: torch.Tensor) -> None:
+        """Counts [true class, predicted class] as a heat map with the count in each cell."""
+        figure = Figure(figsize=(6, 5.5))
+        axes = figure.subplots()
+        counts = matrix.cpu().numpy()
+        image = axes.imshow(counts, cmap="Blues")
+        for (true, predicted), count in numpy.ndenumerate(counts):
+            axes.text(predicted, true, str(count), ha="center", va="center", fontsize="x-small")
+        axes.set(xlabel="predicted class", ylabel="true class", title="confusion matrix", xticks=range(len(counts)), yticks=range(len(counts)))
+        figure.colorbar(image)
+        figure.tight_layout()
+        self.writer.add_figure("Eval/confusion_matrix", figure, step)
+
+    def spike_rasters(self, step: int, trace: dict[str, LayerTrace], labels: list[int]) -> None:
+        """For each LIF layer, one raster per sample: a dot for each spike, neuron against time step."""
+        for name, layer in trace.items():
+            figure = Figure(figsize=(3 * len(labels), 4))
+            for n, (axes, label) in enumerate(zip(figure.subplots(1, len(labels), squeeze=False)[0], labels)):
+                time, neuron = layer.spikes[:, n].flatten(1).nonzero(as_tuple=True)
+                axes.scatter(time.cpu().numpy(), neuron.cpu().numpy(), s=2, marker="|", color="black")
+                axes.set(
+                    xlabel="time step", ylabel="neuron", title=f"sample {n} (label {label})",
+                    xlim=(-0.5, len(layer.spikes) - 0.5), ylim=(-0.5, layer.spikes[0, 0].numel() - 0.5),
+                )
+            figure.tight_layout()
+            self.writer.add_figure(f"Eval/spike_raster/{name}", figure, step)
 
     def hparams(self, cfg: DictConfig, metrics: dict[str, float]) -> None:
         """One HParams entry per run, so the runs of a sweep line up in the HParams dashboard."""

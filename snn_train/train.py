@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from snn_train.allocator import keep_freed_memory
 from snn_train.checkpoint import LAST, check_writable, load_for_resume, restore, save_checkpoint, write_atomically
 from snn_train.config import ConfigError, resolve_device
 from snn_train.data import NUM_CLASSES, Split, batch_indices, load_split, to_unit_interval
@@ -98,6 +99,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: in
     return None
 
 
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """Mixed precision for ``train.precision=bf16``: convolutions and matmuls in bfloat16, neuron state in float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -112,7 +118,8 @@ def evaluate(model: ConvSNN, encoder: nn.Module, split: Split, cfg: DictConfig) 
     count = 0
     for index in batch_indices(len(split), cfg.train.eval_batch_size, None, cfg.train.limit_batches):
         labels = split.labels[index]
-        logits = decode(model(encoder(to_unit_interval(split.images[index]))), cfg.decoder)
+        with autocast(labels.device, cfg.train.precision):
+            logits = decode(model(encoder(to_unit_interval(split.images[index]))), cfg.decoder)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
         count += len(index)
@@ -154,7 +161,7 @@ def build_model(cfg: DictConfig, input_shape: tuple[int, ...], device: torch.dev
     if cfg.model.num_classes < NUM_CLASSES:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.name} has {NUM_CLASSES} classes")
     try:
-        return ConvSNN.from_config(cfg.model, input_shape).to(device)
+        return ConvSNN.from_config(cfg.model, input_shape, cfg.train.compile).to(device)
     except ValueError as error:
         raise ConfigError(f"{error}; use smaller model.kernel_sizes or model.pool_size") from None
 
@@ -182,6 +189,7 @@ def start_run(cfg: DictConfig, run_dir: Path) -> Run:
     check_writable(run_dir, run_dir / "checkpoints")
     resumed = load_for_resume(cfg) if cfg.train.resume is not None else None
     device = resolve_device(cfg.train.device)
+    keep_freed_memory()
     train_set = load_split(cfg.data, train=True).to(device)
     test_set = load_split(cfg.data, train=False).to(device)
     seed_everything(cfg.train.seed)
@@ -232,7 +240,8 @@ def train_step(run: Run, index: torch.Tensor, epoch: int) -> tuple[torch.Tensor,
     labels = run.train_set.labels[index]
     encoded = run.encoder(to_unit_interval(run.train_set.images[index]))
     trace: dict[str, LayerTrace] | None = {} if step % cfg.log.every_n_steps == 0 else None
-    logits = decode(run.model(encoded, trace), cfg.decoder)
+    with autocast(labels.device, cfg.train.precision):
+        logits = decode(run.model(encoded, trace), cfg.decoder)
     loss = F.cross_entropy(logits, labels)
     finite = bool(torch.isfinite(loss))
     if finite:

@@ -43,7 +43,7 @@ def mnist_root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def tiny_overrides(mnist_root: Path) -> list[str]:
-    """A config small enough for a test: tiny data, T=4, small batches, no progress bar."""
+    """A config small enough for a test: tiny data, T=4, small batches, eager kernels, no progress bar."""
     return [
         f"data.root={mnist_root}",
         "data.download=false",
@@ -51,6 +51,7 @@ def tiny_overrides(mnist_root: Path) -> list[str]:
         "train.batch_size=16",
         "train.eval_batch_size=24",
         "train.device=cpu",
+        "train.compile=false",
         "log.every_n_steps=1",
         "log.histogram_every_n_steps=2",
         "log.progress_bar=false",

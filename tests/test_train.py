@@ -82,3 +82,21 @@ def test_too_small_an_image_is_refused_with_a_reason() -> None:
     cfg = load_config([])
     with pytest.raises(ValueError, match="too small"):
         ConvSNN.from_config(cfg.model, (1, 12, 12))
+
+
+def test_bf16_training_learns_as_fp32_does(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    overrides = [*tiny_overrides, *LEARNING, "train.epochs=3", "log.every_n_steps=100"]
+    fp32 = fit(load_config(overrides), tmp_path / "fp32")
+    bf16 = fit(load_config([*overrides, "train.precision=bf16"]), tmp_path / "bf16")
+    assert bf16[-1].test_accuracy >= 0.9
+    assert abs(bf16[-1].train_loss - fp32[-1].train_loss) < 0.25 * fp32[0].train_loss
+    assert bf16[-1].train_loss != fp32[-1].train_loss
+
+
+def test_compiled_backward_trains_as_the_eager_one(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    overrides = [*tiny_overrides, *LEARNING, "train.limit_batches=4"]
+    fit(load_config(overrides), tmp_path / "eager")
+    fit(load_config([*overrides, "train.compile=true"]), tmp_path / "compiled")
+    eager, compiled = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
+    assert len(set(eager)) == 4
+    assert compiled == pytest.approx(eager, rel=1e-4)
