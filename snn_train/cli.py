@@ -56,6 +56,14 @@ def hydra_message(error: HydraException) -> str:
     return message
 
 
+def raised_in_hydra(error: BaseException) -> bool:
+    """Whether ``error`` was raised in Hydra's code: it reports some bad overrides (``data=0``) as a ValueError."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and frame.tb_frame.f_globals.get("__name__", "").startswith("hydra.")
+
+
 def train() -> None:
     """``snn-train``: run the Hydra app, with Hydra's own errors (bad overrides, a run folder it cannot create) in one line too."""
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors to us instead of printing them with a stack trace
@@ -65,6 +73,10 @@ def train() -> None:
         fail(hydra_message(error))
     except OSError as error:
         fail(f"{error.strerror or error}: {error.filename}" if error.filename else str(error))
+    except ValueError as error:
+        if not raised_in_hydra(error):
+            raise
+        fail(str(error))
     except KeyboardInterrupt:
         print("snn-train: interrupted before training started", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)

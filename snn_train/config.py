@@ -237,19 +237,22 @@ def resume_differences(saved: dict[str, Any], cfg: DictConfig) -> list[str]:
     ]
 
 
-def _flat_resolved(cfg: DictConfig) -> dict[str, Any]:
+def _resolve(cfg: DictConfig) -> None:
+    """Replace interpolations (${...}) by their values, which the schema's types then check."""
     try:
-        return flat_config(cfg)
-    except OmegaConfBaseException as error:  # an interpolation (${...}) that does not resolve
-        raise ConfigError(f"{error.full_key}: {str(error).splitlines()[0]}") from None
+        OmegaConf.to_container(cfg, resolve=True)  # names the key of an interpolation that does not resolve
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as error:
+        where = error.full_key or "an interpolation"  # not known when a resolved value fails its type
+        raise ConfigError(f"{where}: {str(error).splitlines()[0]}") from None
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first impossible value; types and key names are checked by Hydra."""
-    flat = _flat_resolved(cfg)
+    _resolve(cfg)
     missing = sorted(OmegaConf.missing_keys(cfg))
     _check(not missing, f"missing config values: {', '.join(missing)}; set them on the command line (key=value)")
-    for key, value in flat.items():
+    for key, value in flat_config(cfg).items():
         for number in value if isinstance(value, list) else [value]:
             _check(not isinstance(number, float) or math.isfinite(number), f"{key}={value} is not a finite number")
     _check_positive(cfg, "seq_length", "the number of time steps T, e.g. seq_length=16")

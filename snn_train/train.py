@@ -157,13 +157,13 @@ def stop_requests() -> Iterator[list[int]]:
 
 
 def build_model(cfg: DictConfig, input_shape: tuple[int, ...], device: torch.device) -> ConvSNN:
-    """The configured network for this data; a conv/pool stack too big for the images is a config error."""
+    """The configured network for this data; one that cannot be built (too big, too deep for the images) is a config error."""
     if cfg.model.num_classes < NUM_CLASSES:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.name} has {NUM_CLASSES} classes")
     try:
         return ConvSNN.from_config(cfg.model, input_shape, cfg.train.compile).to(device)
-    except ValueError as error:
-        raise ConfigError(f"{error}; use smaller model.kernel_sizes or model.pool_size") from None
+    except (ValueError, TypeError, RuntimeError) as error:  # a size torch cannot take or allocate
+        raise ConfigError(f"cannot build the network from model.*: {str(error).strip().splitlines()[0]}") from None
 
 
 @dataclass
