@@ -163,11 +163,6 @@ def _lif_forward(
     return spikes, v_pre, voltages
 
 
-def _constants(like: torch.Tensor, *values: float) -> list[torch.Tensor]:
-    """Scalars as 0-dim tensors of the state's dtype, so a compiled step takes new values without recompiling."""
-    return [like.new_tensor(value) for value in values]
-
-
 @functools.cache
 def _compiled(step: Callable[..., tuple[torch.Tensor, ...]]) -> Callable[..., tuple[torch.Tensor, ...]]:
     """A step function as one generated loop (C++ on CPU, Triton on GPU); compiled on first use, cached on disk."""
@@ -191,7 +186,9 @@ def _backward_step(
 def _lif_backward(grad_spikes: list[torch.Tensor], v_pre: list[torch.Tensor], p: LIFParameters, compiled: bool) -> torch.Tensor:
     """Gradient of the currents [T, N] from that of the spikes, backward through time."""
     step = _compiled(_backward_step) if compiled else _backward_step
-    constants = _constants(v_pre[0], p.dt * p.tau_mem_inv, p.dt * p.tau_syn_inv, p.v_th, p.v_reset, p.alpha)
+    # 0-dim tensors, not Python floats: a compiled step then takes new values without recompiling
+    scalars = (p.dt * p.tau_mem_inv, p.dt * p.tau_syn_inv, p.v_th, p.v_reset, p.alpha)
+    constants = [v_pre[0].new_tensor(value) for value in scalars]
     grad_currents = v_pre[0].new_empty(len(v_pre), len(v_pre[0]))
     grad_v = torch.zeros_like(v_pre[0])
     grad_i = torch.zeros_like(v_pre[0])
