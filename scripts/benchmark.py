@@ -115,7 +115,8 @@ def build(variant: str, args: argparse.Namespace) -> tuple[nn.Module, Callable[[
     if variant == "reference_loop":
         from snn_train import neurons
 
-        mock.patch("snn_train.model.lif_sequence", neurons.lif_sequence_reference).start()
+        reference = lambda currents, p, record_voltage, compiled: neurons.lif_sequence_reference(currents, p, record_voltage)
+        mock.patch("snn_train.model.lif_sequence", reference).start()
         mock.patch("snn_train.model.li_sequence", neurons.li_sequence_reference).start()
         return (*snn_train_step(args), False)
     if variant.startswith("ann_limit"):

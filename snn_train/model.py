@@ -23,13 +23,13 @@ class LayerTrace:
 class LIF(nn.Module):
     """A layer of LIF neurons: input currents [T, B, ...] to spikes [T, B, ...] in one call."""
 
-    def __init__(self, p: LIFParameters, compiled_backward: bool = False) -> None:
+    def __init__(self, p: LIFParameters, compiled: bool = False) -> None:
         super().__init__()
         self.p = p
-        self.compiled_backward = compiled_backward
+        self.compiled = compiled
 
     def forward(self, currents: torch.Tensor, trace: dict[str, LayerTrace] | None = None, name: str = "") -> torch.Tensor:
-        spikes, voltage = lif_sequence(currents, self.p, trace is not None, self.compiled_backward)
+        spikes, voltage = lif_sequence(currents, self.p, trace is not None, self.compiled)
         if trace is not None:
             trace[name] = LayerTrace(spikes.detach(), voltage)
         return spikes
@@ -39,7 +39,7 @@ class LIF(nn.Module):
         return (
             f"tau_syn_inv={p.tau_syn_inv}, tau_mem_inv={p.tau_mem_inv}, v_leak={p.v_leak}, v_th={p.v_th}, "
             f"v_reset={p.v_reset}, dt={p.dt}, surrogate={p.surrogate}, alpha={p.alpha}, "
-            f"compiled_backward={self.compiled_backward}"
+            f"compiled={self.compiled}"
         )
 
 
@@ -82,7 +82,7 @@ class ConvSNN(nn.Module):
 
     Input [T, B, C, H, W]; output readout voltages [T, B, num_classes]. Stateless layers run once
     over the T·B-flattened tensor; each LIF layer runs the whole sequence in one call, its backward
-    pass compiled with torch.compile if ``compiled_backward``.
+    steps compiled with torch.compile if ``compiled``.
     """
 
     def __init__(
@@ -97,7 +97,7 @@ class ConvSNN(nn.Module):
         readout_bias: bool,
         lif: LIFParameters,
         readout: LIParameters,
-        compiled_backward: bool = False,
+        compiled: bool = False,
     ) -> None:
         super().__init__()
         if not len(conv_channels) == len(kernel_sizes) == len(conv_scales):
@@ -109,10 +109,10 @@ class ConvSNN(nn.Module):
         self.convs = nn.ModuleList(
             nn.Conv2d(c_in, c_out, k) for c_in, c_out, k in zip(channels, channels[1:], kernel_sizes)
         )
-        self.conv_lifs = nn.ModuleList(LIF(lif, compiled_backward) for _ in conv_channels)
+        self.conv_lifs = nn.ModuleList(LIF(lif, compiled) for _ in conv_channels)
         features = [self._flat_features(), *fc_features]
         self.fcs = nn.ModuleList(nn.Linear(f_in, f_out) for f_in, f_out in zip(features, features[1:]))
-        self.fc_lifs = nn.ModuleList(LIF(lif, compiled_backward) for _ in fc_features)
+        self.fc_lifs = nn.ModuleList(LIF(lif, compiled) for _ in fc_features)
         self.readout_linear = nn.Linear(features[-1], num_classes, bias=readout_bias)
         self.readout = LI(readout)
 
@@ -120,7 +120,7 @@ class ConvSNN(nn.Module):
         return f"input_shape={self.input_shape}, conv_scales={self.conv_scales}, pool_size={self.pool_size}"
 
     @classmethod
-    def from_config(cls, model_cfg: Any, input_shape: Sequence[int], compiled_backward: bool = False) -> "ConvSNN":
+    def from_config(cls, model_cfg: Any, input_shape: Sequence[int], compiled: bool = False) -> "ConvSNN":
         """Build from the ``model`` config node (see configs/model/)."""
         lif = LIFParameters(surrogate=model_cfg.surrogate, **model_cfg.lif)
         readout = LIParameters(dt=model_cfg.lif.dt, **model_cfg.readout)
@@ -135,7 +135,7 @@ class ConvSNN(nn.Module):
             readout_bias=model_cfg.readout_bias,
             lif=lif,
             readout=readout,
-            compiled_backward=compiled_backward,
+            compiled=compiled,
         )
 
     def _flat_features(self) -> int:

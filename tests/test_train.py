@@ -93,7 +93,7 @@ def test_bf16_training_learns_as_fp32_does(tmp_path: Path, tiny_overrides: list[
     assert bf16[-1].train_loss != fp32[-1].train_loss
 
 
-def test_compiled_backward_trains_as_the_eager_one(tmp_path: Path, tiny_overrides: list[str]) -> None:
+def test_compiled_kernels_train_as_the_eager_ones(tmp_path: Path, tiny_overrides: list[str]) -> None:
     overrides = [*tiny_overrides, *LEARNING, "train.limit_batches=4"]
     fit(load_config(overrides), tmp_path / "eager")
     fit(load_config([*overrides, "train.compile=true"]), tmp_path / "compiled")
