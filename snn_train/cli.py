@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -14,6 +15,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
+from snn_train import distributed
 from snn_train.checkpoint import CheckpointError
 from snn_train.config import ConfigError, validate, validate_eval
 from snn_train.data import DataError
@@ -29,13 +31,19 @@ def fail(message: str) -> NoReturn:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def run(cfg: DictConfig) -> float:
-    """Train the configured network; returns the final test accuracy (for sweepers that optimise it)."""
+    """Train the configured network; returns the final test accuracy (for sweepers that optimise it).
+
+    Each process of a distributed run (torchrun, or a submitit job of several tasks) runs this in the same run folder.
+    """
     try:
         validate(cfg)
         cfg.data.root = to_absolute_path(cfg.data.root)
         if cfg.train.resume is not None:
             cfg.train.resume = to_absolute_path(cfg.train.resume)
-        history = fit(cfg, Path(HydraConfig.get().runtime.output_dir))
+        with distributed.process_group():
+            if not distributed.is_main():
+                logging.getLogger().handlers.clear()  # rank 0 logs the run, to the console and cli.log
+            history = fit(cfg, Path(HydraConfig.get().runtime.output_dir))
     except (ConfigError, DataError, CheckpointError, TrainingError) as error:
         fail(str(error))
     except Interrupted as stop:
@@ -68,7 +76,10 @@ def train() -> None:
     """``snn-train``: run the Hydra app, with Hydra's own errors (bad overrides, a run folder it cannot create) in one line too."""
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors to us instead of printing them with a stack trace
     try:
-        run()
+        with distributed.process_group():  # under torchrun: before Hydra, which names the run folder after rank 0's clock
+            if not distributed.is_main():
+                sys.argv.append("hydra.output_subdir=null")  # rank 0 writes .hydra/
+            run()
     except HydraException as error:
         fail(hydra_message(error))
     except OSError as error:

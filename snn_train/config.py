@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,6 +13,8 @@ from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from snn_train import distributed
 
 CONFIG_MODULE = "snn_train.conf"
 
@@ -159,8 +162,14 @@ def hydra_run_dir(resume: Optional[str], new_dir: str) -> str:
     return str(path) if path is not None and path.is_dir() else new_dir
 
 
+def run_started(pattern: str) -> str:
+    """``${snn_train_now:pattern}`` in ``hydra.run.dir``: Hydra's ``now``, but rank 0's clock, so all ranks share one run folder."""
+    return distributed.from_rank_0(datetime.now()).strftime(pattern)
+
+
 register_schema()
 OmegaConf.register_new_resolver("snn_train_run_dir", hydra_run_dir, replace=True)
+OmegaConf.register_new_resolver("snn_train_now", run_started, use_cache=True, replace=True)
 
 DECODERS = ("max", "mean", "last")
 SCHEDULERS = ("none", "cosine")

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from snn_train import distributed
 from snn_train.allocator import keep_freed_memory
 from snn_train.checkpoint import LAST, check_writable, load_for_resume, restore, save_checkpoint, write_atomically
 from snn_train.config import ConfigError, resolve_device
@@ -109,27 +110,42 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def encoded_shard(encoder: nn.Module, split: Split, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's part of the encoded batch ``index`` and its labels.
+
+    Every rank encodes the whole batch, so an encoder's random draws, and the random states after them, are a single
+    process's: a distributed run sees the same input, and every rank's random state is the one rank 0 checkpoints.
+    """
+    encoded = encoder(to_unit_interval(split.images[index]))
+    part = distributed.shard(len(index))
+    return encoded[:, part], split.labels[index[part]]
+
+
 @torch.no_grad()
 def evaluate(model: ConvSNN, encoder: nn.Module, split: Split, cfg: DictConfig) -> tuple[float, float]:
-    """Mean loss and accuracy over the split (or its first ``train.limit_batches`` batches)."""
+    """Mean loss and accuracy over the split (or its first ``train.limit_batches`` batches), each rank taking its share."""
     model.eval()
-    loss_sum = torch.zeros((), device=split.labels.device)
-    correct = torch.zeros((), device=split.labels.device)
+    sums = torch.zeros(2, device=split.labels.device)  # loss, correct predictions
     count = 0
     for index in batch_indices(len(split), cfg.train.eval_batch_size, None, cfg.train.limit_batches):
-        labels = split.labels[index]
+        encoded, labels = encoded_shard(encoder, split, index)
         with autocast(labels.device, cfg.train.precision):
-            logits = decode(model(encoder(to_unit_interval(split.images[index]))), cfg.decoder)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-        correct += (logits.argmax(1) == labels).sum()
+            logits = decode(model(encoded), cfg.decoder)
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum")
+        sums[1] += (logits.argmax(1) == labels).sum()
         count += len(index)
     model.train()
-    return loss_sum.item() / count, correct.item() / count
+    loss_sum, correct = distributed.sum_over_ranks(sums).tolist()
+    return loss_sum / count, correct / count
 
 
 def log_test_sample(logger: RunLogger, model: ConvSNN, encoder: nn.Module, split: Split, step: int) -> None:
-    """Readout voltage traces and input raster of test sample 0, so epochs can be compared."""
-    with torch.no_grad():
+    """Readout voltage traces and input raster of test sample 0, so epochs can be compared.
+
+    Its input is drawn aside from the random states: only rank 0 draws it, and every rank's states must stay equal.
+    """
+    cuda = [split.labels.device] if split.labels.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
         model.eval()
         encoded = encoder(to_unit_interval(split.images[:1]))
         voltages = model(encoded)
@@ -175,11 +191,12 @@ class Run:
     train_set: Split
     test_set: Split
     model: ConvSNN
+    trained: nn.Module  # what the training steps call: the model, or its DistributedDataParallel wrapper
     encoder: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     data_order: torch.Generator
-    logger: RunLogger
+    logger: RunLogger | None  # rank 0's alone: it writes the event files, checkpoints and metrics.json; None elsewhere
     progress: Progress
     started: float  # time.perf_counter() at the run's start, earlier sessions included
 
@@ -188,7 +205,7 @@ def start_run(cfg: DictConfig, run_dir: Path) -> Run:
     """Check the run folder, load data, build everything; continue ``train.resume``'s checkpoint if given."""
     check_writable(run_dir, run_dir / "checkpoints")
     resumed = load_for_resume(cfg) if cfg.train.resume is not None else None
-    device = resolve_device(cfg.train.device)
+    device = distributed.local_device(resolve_device(cfg.train.device))
     keep_freed_memory()
     train_set = load_split(cfg.data, train=True).to(device)
     test_set = load_split(cfg.data, train=False).to(device)
@@ -212,20 +229,26 @@ def start_run(cfg: DictConfig, run_dir: Path) -> Run:
         if scheduler is not None:
             scheduler.T_max = cfg.train.epochs * steps_per_epoch  # train.epochs may have changed: anneal to the new end
         log.info("resuming %s: epoch %d, batch %d, step %d", path, progress.epoch, progress.batch, progress.step)
-    logger = RunLogger(run_dir, purge_step=progress.step + 1 if resumed is not None else None)
-    log.info("run dir %s, device %s, %d train / %d test samples\n%s\n%s", run_dir, device, len(train_set), len(test_set), encoder, model)
+    logger = RunLogger(run_dir, purge_step=progress.step + 1 if resumed is not None else None) if distributed.is_main() else None
+    log.info(
+        "run dir %s, device %s, %d train / %d test samples, %d process(es)\n%s\n%s",
+        run_dir, device, len(train_set), len(test_set), distributed.world_size(), encoder, model,
+    )
     started = time.perf_counter() - progress.wall_s
-    return Run(cfg, run_dir, train_set, test_set, model, encoder, optimizer, scheduler, data_order, logger, progress, started)
+    trained = distributed.data_parallel(model)
+    return Run(cfg, run_dir, train_set, test_set, model, trained, encoder, optimizer, scheduler, data_order, logger, progress, started)
 
 
 def save(run: Run, data_order: torch.Tensor) -> None:
-    """Checkpoint the run, unless its weights are no longer finite: then the last good checkpoint stays."""
+    """Checkpoint the run (rank 0 writes it), unless its weights are no longer finite: then the last good checkpoint stays."""
     folder = run.run_dir / "checkpoints"
     if not all(torch.isfinite(p).all() for p in run.model.parameters()):
         raise TrainingError(f"the weights are no longer finite at step {run.progress.step}; stopped, keeping the checkpoints in {folder}")
-    run.logger.flush()  # the event files hold every step up to the checkpoint; a resume purges later ones
     run.progress.wall_s = time.perf_counter() - run.started
-    save_checkpoint(folder, run.model, run.optimizer, run.scheduler, run.cfg, data_order, asdict(run.progress))
+    if run.logger is not None:
+        run.logger.flush()  # the event files hold every step up to the checkpoint; a resume purges later ones
+        save_checkpoint(folder, run.model, run.optimizer, run.scheduler, run.cfg, data_order, asdict(run.progress))
+    distributed.barrier()
 
 
 def interrupted(run: Run, signum: int) -> Interrupted:
@@ -234,19 +257,26 @@ def interrupted(run: Run, signum: int) -> Interrupted:
     return Interrupted(signum, f"interrupted at step {run.progress.step}: saved {saved}; continue with train.resume={run.run_dir}")
 
 
-def train_step(run: Run, index: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Forward, backward, update; returns loss and logits, or None for a batch skipped for its non-finite loss."""
+def train_step(run: Run, index: torch.Tensor, epoch: int) -> torch.Tensor | None:
+    """Forward, backward, update; returns the batch's summed loss and correct predictions over all ranks, or None for
+    a batch skipped for its non-finite loss.
+
+    Each rank takes its share of the batch; gradients are averaged over the ranks, so each rank's loss is its share's
+    summed loss over the batch's mean share size: the update is that of the whole batch in one process, shares of
+    unequal size (a batch that does not split evenly) included.
+    """
     cfg, step = run.cfg, run.progress.step
-    labels = run.train_set.labels[index]
-    encoded = run.encoder(to_unit_interval(run.train_set.images[index]))
-    trace: dict[str, LayerTrace] | None = {} if step % cfg.log.every_n_steps == 0 else None
+    encoded, labels = encoded_shard(run.encoder, run.train_set, index)
+    trace: dict[str, LayerTrace] | None = {} if run.logger is not None and step % cfg.log.every_n_steps == 0 else None
     with autocast(labels.device, cfg.train.precision):
-        logits = decode(run.model(encoded, trace), cfg.decoder)
-    loss = F.cross_entropy(logits, labels)
+        logits = decode(run.trained(encoded, trace), cfg.decoder)
+    loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+    sums = distributed.sum_over_ranks(torch.stack([loss_sum.detach().float(), (logits.argmax(1) == labels).sum().float()]))
+    loss = sums[0] / len(index)
     finite = bool(torch.isfinite(loss))
     if finite:
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss_sum * (distributed.world_size() / len(index))).backward()
         if cfg.train.grad_clip is not None:
             nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip)
         run.optimizer.step()
@@ -260,10 +290,11 @@ def train_step(run: Run, index: torch.Tensor, epoch: int) -> tuple[torch.Tensor,
     if trace is not None:
         run.logger.spike_statistics(step, encoded, trace)
     if finite:
-        return loss.detach(), logits.detach()
+        return sums
     run.progress.skipped += 1
     log.warning("loss is %s at step %d: batch skipped, no update (%d so far)", loss.item(), step, run.progress.skipped)
-    run.logger.scalars(step, {"NaN/skipped_batches": run.progress.skipped})
+    if run.logger is not None:
+        run.logger.scalars(step, {"NaN/skipped_batches": run.progress.skipped})
     return None
 
 
@@ -277,32 +308,45 @@ def train_epoch(run: Run, epoch: int, stop: list[int]) -> None:
     loss_sum = torch.tensor(progress.loss_sum, device=run.train_set.labels.device)
     correct = torch.tensor(progress.correct, device=run.train_set.labels.device)
     batches = list(batch_indices(len(run.train_set), cfg.train.batch_size, run.data_order, cfg.train.limit_batches))
-    bar = tqdm(total=len(batches), initial=progress.batch, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not cfg.log.progress_bar)
+    show = cfg.log.progress_bar and run.logger is not None
+    bar = tqdm(total=len(batches), initial=progress.batch, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not show)
     for index in batches[progress.batch :]:
         progress.step += 1
         progress.batch += 1
-        result = train_step(run, index, epoch)
-        if result is not None:
-            loss, logits = result
-            loss_sum += loss * len(index)
-            correct += (logits.argmax(1) == run.train_set.labels[index]).sum()
+        sums = train_step(run, index, epoch)
+        if sums is not None:
+            loss_sum += sums[0]
+            correct += sums[1].long()
             progress.seen += len(index)
         bar.update()
-        if progress.step % cfg.log.every_n_steps == 0 and progress.seen:
-            train_loss, train_accuracy = loss_sum.item() / progress.seen, correct.item() / progress.seen
-            samples_per_s = progress.seen / (time.perf_counter() - epoch_start)
-            bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_accuracy:.4f}", samples_s=f"{samples_per_s:.0f}")
-            run.logger.scalars(progress.step, {"Loss/train": train_loss, "Accuracy/train": train_accuracy, "LR": run.optimizer.param_groups[0]["lr"]})
-        if progress.step % cfg.log.histogram_every_n_steps == 0:
-            run.logger.parameters(progress.step, run.model)
+        if run.logger is not None:
+            log_progress(run, run.logger, loss_sum, correct, epoch_start, bar)
+        signum = stop_signal(stop)
         # Not at the epoch's last batch: the epoch-end checkpoint follows, after events logged at this same step.
-        if stop or (progress.step % cfg.train.checkpoint_every_n_steps == 0 and progress.batch < len(batches)):
+        if signum or (progress.step % cfg.train.checkpoint_every_n_steps == 0 and progress.batch < len(batches)):
             tally(progress, loss_sum, correct, epoch_start)
             save(run, epoch_order)
-        if stop:
-            raise interrupted(run, stop[0])
+        if signum:
+            raise interrupted(run, signum)
     bar.close()
     tally(progress, loss_sum, correct, epoch_start)
+
+
+def log_progress(run: Run, logger: RunLogger, loss_sum: torch.Tensor, correct: torch.Tensor, epoch_start: float, bar: tqdm) -> None:
+    """The running train loss and accuracy every log.every_n_steps (bar and TensorBoard), parameters every log.histogram_every_n_steps."""
+    cfg, progress = run.cfg, run.progress
+    if progress.step % cfg.log.every_n_steps == 0 and progress.seen:
+        train_loss, train_accuracy = loss_sum.item() / progress.seen, correct.item() / progress.seen
+        samples_per_s = progress.seen / (time.perf_counter() - epoch_start)
+        bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_accuracy:.4f}", samples_s=f"{samples_per_s:.0f}")
+        logger.scalars(progress.step, {"Loss/train": train_loss, "Accuracy/train": train_accuracy, "LR": run.optimizer.param_groups[0]["lr"]})
+    if progress.step % cfg.log.histogram_every_n_steps == 0:
+        logger.parameters(progress.step, run.model)
+
+
+def stop_signal(stop: list[int]) -> int:
+    """The signal (SIGINT, SIGTERM) that stops the run after this step, or 0; every rank agrees, so all stop at one step."""
+    return distributed.max_over_ranks(stop[0] if stop else 0)
 
 
 def tally(progress: Progress, loss_sum: torch.Tensor, correct: torch.Tensor, epoch_start: float) -> None:
@@ -325,13 +369,15 @@ def end_epoch(run: Run, epoch: int) -> None:
         samples_per_s=seen / progress.epoch_s,
         wall_s=time.perf_counter() - run.started,
     )
-    if step % cfg.log.every_n_steps != 0:
-        run.logger.scalars(step, {"Loss/train": metrics.train_loss, "Accuracy/train": metrics.train_accuracy, "LR": run.optimizer.param_groups[0]["lr"]})
-    run.logger.scalars(step, {"Loss/test": test_loss, "Accuracy/test": test_accuracy})
-    log_test_sample(run.logger, run.model, run.encoder, run.test_set, step)
+    if run.logger is not None:
+        if step % cfg.log.every_n_steps != 0:
+            run.logger.scalars(step, {"Loss/train": metrics.train_loss, "Accuracy/train": metrics.train_accuracy, "LR": run.optimizer.param_groups[0]["lr"]})
+        run.logger.scalars(step, {"Loss/test": test_loss, "Accuracy/test": test_accuracy})
+        log_test_sample(run.logger, run.model, run.encoder, run.test_set, step)
     run.progress = Progress(epoch, progress.batch, step, skipped=progress.skipped, history=[*progress.history, metrics])
     save(run, run.data_order.get_state())
-    write_metrics(run.run_dir / "metrics.json", run.progress.history)
+    if run.logger is not None:
+        write_metrics(run.run_dir / "metrics.json", run.progress.history)
     log.info(
         "epoch %d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.0f samples/s",
         epoch, metrics.train_loss, metrics.train_accuracy, test_loss, test_accuracy, metrics.samples_per_s,
@@ -343,18 +389,26 @@ def fit(cfg: DictConfig, run_dir: Path) -> list[EpochMetrics]:
 
     Raises TrainingError on a non-finite loss (train.on_nan=stop) and Interrupted after SIGINT/SIGTERM.
     """
-    run = start_run(cfg, run_dir)
+    return complete(start_run(cfg, run_dir))
+
+
+def complete(run: Run) -> list[EpochMetrics]:
+    """Run ``run``'s remaining epochs (as ``fit``), leaving the trained model in ``run.model``."""
+    cfg = run.cfg
     try:
         with stop_requests() as stop:
             first = run.progress.epoch + (len(run.progress.history) == run.progress.epoch)  # the next one if finished
             for epoch in range(first, cfg.train.epochs + 1):
                 train_epoch(run, epoch, stop)
                 end_epoch(run, epoch)
-                if stop:  # it came during the evaluation: the epoch's checkpoint is written
-                    raise interrupted(run, stop[0])
+                signum = stop_signal(stop)
+                if signum:  # it came during the evaluation: the epoch's checkpoint is written
+                    raise interrupted(run, signum)
         history = run.progress.history
-        run.logger.hparams(cfg, {"hparam/test_accuracy": history[-1].test_accuracy, "hparam/test_loss": history[-1].test_loss})
+        if run.logger is not None:
+            run.logger.hparams(cfg, {"hparam/test_accuracy": history[-1].test_accuracy, "hparam/test_loss": history[-1].test_loss})
     finally:
-        run.logger.close()
+        if run.logger is not None:
+            run.logger.close()
     log.info("final test accuracy %.4f (loss %.4f) after %d steps in %.1f s", history[-1].test_accuracy, history[-1].test_loss, run.progress.step, history[-1].wall_s)
     return history

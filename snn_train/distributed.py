@@ -1,0 +1,108 @@
+"""Data-parallel runs: the process group torchrun or a submitit job describes, this rank's share of a batch, sums over ranks.
+
+A single process (no WORLD_SIZE above 1 in the environment) has no process group: every function here then
+answers for a world of one, so the training loop reads the same either way.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+T = TypeVar("T")
+
+
+def export_submitit_environment() -> None:
+    """In a submitit SLURM job of several tasks, set torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*)."""
+    if "RANK" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return
+    import submitit  # the slurm extra; present whenever submitit launched this process
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+@contextmanager
+def process_group() -> Iterator[None]:
+    """Join the process group for the time of the block, when the environment asks for more than one process.
+
+    gloo carries CPU tensors, nccl CUDA ones; a CUDA process takes its node's LOCAL_RANK-th GPU (the only one it
+    sees, if SLURM gives each task one). Inside an existing group (the CLI opens one before Hydra starts) it does nothing.
+    """
+    export_submitit_environment()
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        yield
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(0 if torch.cuda.device_count() == 1 else int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Rank 0 (or the single process): the one that writes the run's files."""
+    return rank() == 0
+
+
+def local_device(device: torch.device) -> torch.device:
+    """The device this rank computes on: its own GPU (chosen by process_group) when ``device`` is CUDA."""
+    if device.type == "cuda" and dist.is_initialized():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def data_parallel(model: nn.Module) -> nn.Module:
+    """``model`` wrapped to all-reduce (average) its gradients over the ranks in backward; ``model`` itself alone."""
+    return nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
+
+
+def shard(n: int) -> slice:
+    """This rank's contiguous part of a batch of ``n`` samples; the parts' sizes differ by at most one."""
+    return slice(n * rank() // world_size(), n * (rank() + 1) // world_size())
+
+
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum of ``values`` over the ranks, in place."""
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return values
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest of the ranks' ``value``s, so every rank takes the same decision."""
+    if not dist.is_initialized():
+        return value
+    values = torch.tensor([value])
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return int(values.item())
+
+
+def from_rank_0(value: T) -> T:
+    """Rank 0's ``value`` (any picklable object) on every rank."""
+    if not dist.is_initialized():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def barrier() -> None:
+    """Wait until every rank is here (after rank 0 wrote a checkpoint, so none stops before it is on disk)."""
+    if dist.is_initialized():
+        dist.barrier()
