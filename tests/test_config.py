@@ -87,6 +87,7 @@ def test_decoders_reduce_over_time() -> None:
         ("scheduler=step", "scheduler=step is not one of none, cosine"),
         ("train.device=tpu", "train.device=tpu is not"),
         ("train.limit_batches=0", "train.limit_batches must be > 0"),
+        ("train.precision=fp16", "train.precision=fp16 is not one of fp32, bf16"),
     ],
 )
 def test_impossible_values_are_refused_with_the_key_named(override: str, message: str) -> None:
