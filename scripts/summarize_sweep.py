@@ -13,20 +13,25 @@ from pathlib import Path
 
 import yaml
 
-COLUMNS = ("overrides", "seq_length", "steps", "test_accuracy", "test_loss", "train_accuracy", "samples_per_s", "wall_s")
+COLUMNS = (
+    "overrides", "seq_length", "epochs", "steps", "test_accuracy", "test_loss", "spikes_per_sample", "train_accuracy",
+    "samples_per_s", "wall_s",
+)
 
 
 def job_row(job_dir: Path) -> dict[str, object]:
-    """One job's overrides, T and final metrics."""
+    """One job's overrides, T, epochs and final metrics."""
     final = json.loads((job_dir / "metrics.json").read_text())["final"]
     overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
     config = yaml.safe_load((job_dir / ".hydra" / "config.yaml").read_text())
     return {
         "overrides": " ".join(overrides),
         "seq_length": config["seq_length"],
+        "epochs": final["epoch"],
         "steps": final["step"],
         "test_accuracy": round(final["test_accuracy"], 4),
         "test_loss": round(final["test_loss"], 4),
+        "spikes_per_sample": round(final["test_spikes_per_sample"], 1),
         "train_accuracy": round(final["train_accuracy"], 4),
         "samples_per_s": round(final["samples_per_s"], 1),
         "wall_s": round(final["wall_s"], 1),

@@ -51,6 +51,10 @@ class ModelConfig:
     fc_features: list[int] = MISSING
     num_classes: int = MISSING
     readout_bias: bool = MISSING
+    batch_norm: bool = MISSING
+    dropout: float = MISSING
+    learn_tau_mem: bool = MISSING
+    learn_v_th: bool = MISSING
     lif: LIFConfig = field(default_factory=LIFConfig)
     readout: ReadoutConfig = field(default_factory=ReadoutConfig)
 
@@ -97,6 +101,19 @@ class OptimConfig:
 
 
 @dataclass
+class LossConfig:
+    per_step: bool = MISSING
+    label_smoothing: float = MISSING
+
+
+@dataclass
+class AugmentConfig:
+    shift: float = MISSING
+    rotate: float = MISSING
+    scale: float = MISSING
+
+
+@dataclass
 class TrainConfig:
     epochs: int = MISSING
     batch_size: int = MISSING
@@ -128,6 +145,9 @@ class Config:
     seq_length: int = MISSING
     decoder: str = MISSING
     scheduler: str = MISSING
+    warmup_epochs: float = MISSING
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -298,6 +318,17 @@ def validate(cfg: DictConfig) -> None:
         sizes = cfg.model[key]
         _check(all(size > 0 for size in sizes), f"model.{key} must hold sizes > 0, got {list(sizes)}")
     _check_positive(cfg, "model.num_classes", "e.g. model.num_classes=10")
+    _check(0 <= cfg.model.dropout < 1, f"model.dropout is a probability in [0, 1), got {cfg.model.dropout}")
+    if cfg.model.learn_tau_mem:
+        _check(lif.dt * lif.tau_mem_inv < 1, "model.learn_tau_mem needs model.lif.dt·tau_mem_inv < 1 (it is learned as a sigmoid)")
+    _check(0 <= cfg.loss.label_smoothing < 1, f"loss.label_smoothing must lie in [0, 1), got {cfg.loss.label_smoothing}")
+    _check(
+        0 <= cfg.warmup_epochs <= cfg.train.epochs,
+        f"warmup_epochs must lie in 0..train.epochs ({cfg.train.epochs}), got {cfg.warmup_epochs}",
+    )
+    for key in ("shift", "rotate", "scale"):
+        _check(cfg.augment[key] >= 0, f"augment.{key} must be >= 0 (0 = off), got {cfg.augment[key]}")
+    _check(cfg.augment.scale < 1, f"augment.scale is a relative zoom and must be < 1, got {cfg.augment.scale}")
     _check_positive(cfg, "encoder.input_scale", "e.g. encoder.input_scale=1.0")
     _check_choice(cfg, "model.surrogate", SURROGATES)
     _check_choice(cfg, "encoder.name", ENCODERS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -14,22 +15,36 @@ from snn_train.neurons import LIFParameters, LIParameters, li_sequence, lif_sequ
 
 @dataclass
 class LayerTrace:
-    """What one LIF layer did over a sequence: spikes and membrane voltages, [T, B, ...], detached."""
+    """What one LIF layer did over a sequence: spikes and (if recorded) membrane voltages, [T, B, ...], detached."""
 
     spikes: torch.Tensor
-    voltage: torch.Tensor
+    voltage: torch.Tensor | None
 
 
 class LIF(nn.Module):
-    """A layer of LIF neurons: input currents [T, B, ...] to spikes [T, B, ...] in one call."""
+    """A layer of LIF neurons: input currents [T, B, ...] to spikes [T, B, ...] in one call.
 
-    def __init__(self, p: LIFParameters, compiled: bool = False) -> None:
+    ``learn_tau_mem`` and ``learn_v_th`` make the layer's membrane time constant and threshold parameters (one each,
+    PLIF style); the time constant as dt·tau_mem_inv = sigmoid(w), which keeps the Euler step stable.
+    """
+
+    def __init__(self, p: LIFParameters, compiled: bool = False, learn_tau_mem: bool = False, learn_v_th: bool = False) -> None:
         super().__init__()
         self.p = p
         self.compiled = compiled
+        decay = p.dt * p.tau_mem_inv
+        self.tau_mem_logit = nn.Parameter(torch.tensor(math.log(decay / (1 - decay)))) if learn_tau_mem else None
+        self.v_th = nn.Parameter(torch.tensor(p.v_th)) if learn_v_th else None
 
-    def forward(self, currents: torch.Tensor, trace: dict[str, LayerTrace] | None = None, name: str = "") -> torch.Tensor:
-        spikes, voltage = lif_sequence(currents, self.p, trace is not None, self.compiled)
+    def tau_mem_inv(self) -> torch.Tensor | None:
+        """The learned inverse membrane time constant, or None if it is the fixed p.tau_mem_inv."""
+        return None if self.tau_mem_logit is None else torch.sigmoid(self.tau_mem_logit) / self.p.dt
+
+    def forward(
+        self, currents: torch.Tensor, trace: dict[str, LayerTrace] | None = None, name: str = "", record_voltage: bool = True
+    ) -> torch.Tensor:
+        record_voltage = record_voltage and trace is not None
+        spikes, voltage = lif_sequence(currents, self.p, record_voltage, self.compiled, self.tau_mem_inv(), self.v_th)
         if trace is not None:
             trace[name] = LayerTrace(spikes.detach(), voltage)
         return spikes
@@ -39,7 +54,7 @@ class LIF(nn.Module):
         return (
             f"tau_syn_inv={p.tau_syn_inv}, tau_mem_inv={p.tau_mem_inv}, v_leak={p.v_leak}, v_th={p.v_th}, "
             f"v_reset={p.v_reset}, dt={p.dt}, surrogate={p.surrogate}, alpha={p.alpha}, "
-            f"compiled={self.compiled}"
+            f"learn_tau_mem={self.tau_mem_logit is not None}, learn_v_th={self.v_th is not None}, compiled={self.compiled}"
         )
 
 
@@ -58,15 +73,24 @@ class LI(nn.Module):
         return f"tau_syn_inv={p.tau_syn_inv}, tau_mem_inv={p.tau_mem_inv}, v_leak={p.v_leak}, dt={p.dt}"
 
 
-def convolve_over_time(conv: nn.Conv2d, x: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale·conv(x) at every step of [T, B, C, H, W], in channels-last layout (faster convolution and pooling on CPU).
+def convolve_over_time(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale·norm(conv(x)) at every step of [T, B, C, H, W], in channels-last layout (faster convolution and pooling
+    on CPU). A batch norm's statistics are taken over time and batch together.
 
-    A time-invariant input (stride 0 over T, as the direct encoder gives) is convolved once and the result repeated.
+    A time-invariant input (stride 0 over T, as the direct encoder gives) is convolved once and the result repeated
+    (its statistics over time and batch are those over the batch).
     """
     if x.stride(0) == 0:
-        return (conv(x[0].contiguous(memory_format=torch.channels_last)) * scale).expand(x.shape[0], -1, -1, -1, -1)
-    currents = conv(x.flatten(0, 1).contiguous(memory_format=torch.channels_last)) * scale
+        return (norm(conv(x[0].contiguous(memory_format=torch.channels_last))) * scale).expand(x.shape[0], -1, -1, -1, -1)
+    currents = norm(conv(x.flatten(0, 1).contiguous(memory_format=torch.channels_last))) * scale
     return currents.unflatten(0, x.shape[:2])
+
+
+def dropout_over_time(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout on [T, B, ...] with one mask for all time steps: a dropped neuron is silent for the whole sample."""
+    if not training or p == 0:
+        return x
+    return x * (torch.bernoulli(torch.full_like(x[0], 1 - p)) / (1 - p))
 
 
 def conv_fan_out(conv: nn.Conv2d, input_size: Sequence[int]) -> torch.Tensor:
@@ -78,7 +102,8 @@ def conv_fan_out(conv: nn.Conv2d, input_size: Sequence[int]) -> torch.Tensor:
 
 
 class ConvSNN(nn.Module):
-    """conv → ×scale → LIF → maxpool (per conv layer) → fc → LIF (per fc layer) → linear → LI readout.
+    """conv → [batch norm] → ×scale → LIF → maxpool (per conv layer) → [dropout] → fc → LIF (per fc layer) →
+    [dropout] → linear → LI readout.
 
     Input [T, B, C, H, W]; output readout voltages [T, B, num_classes]. Stateless layers run once
     over the T·B-flattened tensor; each LIF layer runs the whole sequence in one call, its backward
@@ -98,6 +123,10 @@ class ConvSNN(nn.Module):
         lif: LIFParameters,
         readout: LIParameters,
         compiled: bool = False,
+        batch_norm: bool = False,
+        dropout: float = 0.0,
+        learn_tau_mem: bool = False,
+        learn_v_th: bool = False,
     ) -> None:
         super().__init__()
         if not len(conv_channels) == len(kernel_sizes) == len(conv_scales):
@@ -109,15 +138,17 @@ class ConvSNN(nn.Module):
         self.convs = nn.ModuleList(
             nn.Conv2d(c_in, c_out, k) for c_in, c_out, k in zip(channels, channels[1:], kernel_sizes)
         )
-        self.conv_lifs = nn.ModuleList(LIF(lif, compiled) for _ in conv_channels)
+        self.norms = nn.ModuleList(nn.BatchNorm2d(c) if batch_norm else nn.Identity() for c in conv_channels)
+        self.conv_lifs = nn.ModuleList(LIF(lif, compiled, learn_tau_mem, learn_v_th) for _ in conv_channels)
+        self.dropout = dropout
         features = [self._flat_features(), *fc_features]
         self.fcs = nn.ModuleList(nn.Linear(f_in, f_out) for f_in, f_out in zip(features, features[1:]))
-        self.fc_lifs = nn.ModuleList(LIF(lif, compiled) for _ in fc_features)
+        self.fc_lifs = nn.ModuleList(LIF(lif, compiled, learn_tau_mem, learn_v_th) for _ in fc_features)
         self.readout_linear = nn.Linear(features[-1], num_classes, bias=readout_bias)
         self.readout = LI(readout)
 
     def extra_repr(self) -> str:
-        return f"input_shape={self.input_shape}, conv_scales={self.conv_scales}, pool_size={self.pool_size}"
+        return f"input_shape={self.input_shape}, conv_scales={self.conv_scales}, pool_size={self.pool_size}, dropout={self.dropout}"
 
     @classmethod
     def from_config(cls, model_cfg: Any, input_shape: Sequence[int], compiled: bool = False) -> "ConvSNN":
@@ -136,6 +167,10 @@ class ConvSNN(nn.Module):
             lif=lif,
             readout=readout,
             compiled=compiled,
+            batch_norm=model_cfg.batch_norm,
+            dropout=model_cfg.dropout,
+            learn_tau_mem=model_cfg.learn_tau_mem,
+            learn_v_th=model_cfg.learn_v_th,
         )
 
     def _flat_features(self) -> int:
@@ -165,14 +200,14 @@ class ConvSNN(nn.Module):
             operations[name] = (events * fan_out).sum(dim=[0, *range(2, events.dim())])
         return operations
 
-    def forward(self, x: torch.Tensor, trace: dict[str, LayerTrace] | None = None) -> torch.Tensor:
-        """Readout voltages [T, B, classes] for input [T, B, C, H, W]; fills ``trace`` if given."""
+    def forward(self, x: torch.Tensor, trace: dict[str, LayerTrace] | None = None, record_voltage: bool = True) -> torch.Tensor:
+        """Readout voltages [T, B, classes] for input [T, B, C, H, W]; fills ``trace`` (with voltages if asked) if given."""
         T, B = x.shape[:2]
         h = x
-        for n, (conv, scale, lif) in enumerate(zip(self.convs, self.conv_scales, self.conv_lifs)):
-            spikes = lif(convolve_over_time(conv, h, scale), trace, f"conv{n + 1}")
+        for n, (conv, norm, scale, lif) in enumerate(zip(self.convs, self.norms, self.conv_scales, self.conv_lifs)):
+            spikes = lif(convolve_over_time(conv, norm, h, scale), trace, f"conv{n + 1}", record_voltage)
             h = F.max_pool2d(spikes.flatten(0, 1), self.pool_size).unflatten(0, (T, B))
         h = h.flatten(2)
         for n, (fc, lif) in enumerate(zip(self.fcs, self.fc_lifs)):
-            h = lif(fc(h), trace, f"fc{n + 1}")
-        return self.readout(self.readout_linear(h))
+            h = lif(fc(dropout_over_time(h, self.dropout, self.training)), trace, f"fc{n + 1}", record_voltage)
+        return self.readout(self.readout_linear(dropout_over_time(h, self.dropout, self.training)))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -183,19 +183,49 @@ def _backward_step(
     return grad_i, grad_v_pre * (1 - a)
 
 
-def _lif_backward(grad_spikes: list[torch.Tensor], v_pre: list[torch.Tensor], p: LIFParameters, compiled: bool) -> torch.Tensor:
-    """Gradient of the currents [T, N] from that of the spikes, backward through time."""
-    step = _compiled(_backward_step) if compiled else _backward_step
+def _learned_backward_step(
+    surrogate: str, grad_spike: torch.Tensor, grad_v: torch.Tensor, grad_i: torch.Tensor, v_pre: torch.Tensor,
+    v_before: torch.Tensor, a: torch.Tensor, b: torch.Tensor, v_th: torch.Tensor, v_reset: torch.Tensor, alpha: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """_backward_step, plus this step's share of the gradients of a = dt·tau_mem_inv and of v_th.
+
+    v_pre = v_before + a·(v_leak - v_before + i_in), so d v_pre / d a = (v_pre - v_before) / a; z = Θ(v_pre - v_th).
+    """
+    x = v_pre - v_th
+    grad_z = grad_spike + grad_v * (v_reset - v_pre)
+    grad_x = grad_z * SURROGATE_GRADIENTS[surrogate](x, alpha)
+    grad_v_pre = grad_v * (x <= 0) + grad_x
+    grad_a = (grad_v_pre * (v_pre - v_before)).sum() / a
+    grad_i = grad_i * (1 - b) + a * grad_v_pre
+    return grad_i, grad_v_pre * (1 - a), grad_a, -grad_x.sum()
+
+
+def _lif_backward(
+    grad_spikes: list[torch.Tensor], v_pre: list[torch.Tensor], p: LIFParameters, compiled: bool, learned: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Gradient of the currents [T, N] from that of the spikes, backward through time; with ``learned``, also
+    those of tau_mem_inv and v_th (0-dim), else None."""
     # 0-dim tensors, not Python floats: a compiled step then takes new values without recompiling
     scalars = (p.dt * p.tau_mem_inv, p.dt * p.tau_syn_inv, p.v_th, p.v_reset, p.alpha)
     constants = [v_pre[0].new_tensor(value) for value in scalars]
     grad_currents = v_pre[0].new_empty(len(v_pre), len(v_pre[0]))
     grad_v = torch.zeros_like(v_pre[0])
     grad_i = torch.zeros_like(v_pre[0])
+    if not learned:
+        step = _compiled(_backward_step) if compiled else _backward_step
+        for t in reversed(range(len(v_pre))):
+            grad_i, grad_v = step(p.surrogate, grad_spikes[t], grad_v, grad_i, v_pre[t], *constants)
+            grad_currents[t] = grad_i
+        return grad_currents, None, None
+    learned_step = _compiled(_learned_backward_step) if compiled else _learned_backward_step
+    grad_a, grad_v_th = torch.zeros_like(constants[0]), torch.zeros_like(constants[0])
     for t in reversed(range(len(v_pre))):
-        grad_i, grad_v = step(p.surrogate, grad_spikes[t], grad_v, grad_i, v_pre[t], *constants)
+        v_before = torch.where(v_pre[t - 1] > p.v_th, p.v_reset, v_pre[t - 1]) if t else torch.full_like(v_pre[0], p.v_leak)
+        grad_i, grad_v, step_a, step_v_th = learned_step(p.surrogate, grad_spikes[t], grad_v, grad_i, v_pre[t], v_before, *constants)
         grad_currents[t] = grad_i
-    return grad_currents
+        grad_a += step_a
+        grad_v_th += step_v_th
+    return grad_currents, grad_a * p.dt, grad_v_th
 
 
 class _FusedLIFSequence(torch.autograd.Function):
@@ -206,37 +236,54 @@ class _FusedLIFSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, currents: torch.Tensor, p: LIFParameters, record_voltage: bool, compiled: bool
+        ctx, currents: torch.Tensor, p: LIFParameters, record_voltage: bool, compiled: bool,
+        tau_mem_inv: torch.Tensor | None, v_th: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        p = _with_learned(p, tau_mem_inv, v_th)
         order = _memory_order(currents[0])
         steps = _flatten_steps(_state_precision(currents), order)
         spikes, v_pre, voltages = _lif_forward(steps, p, record_voltage, keep_pre_reset=True)
         ctx.save_for_backward(*v_pre)
         ctx.p, ctx.compiled, ctx.order, ctx.shape, ctx.dtype = p, compiled, order, currents.shape, currents.dtype
+        ctx.learned = tau_mem_inv is not None or v_th is not None
         if voltages is not None:
             voltages = _unflatten_steps(voltages, currents.shape, order)
             ctx.mark_non_differentiable(voltages)
         return _unflatten_steps(spikes.to(currents.dtype), currents.shape, order), voltages
 
     @staticmethod
-    def backward(ctx, grad_spikes: torch.Tensor, _: torch.Tensor | None) -> tuple[torch.Tensor, None, None, None]:
+    def backward(ctx, grad_spikes: torch.Tensor, _: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         v_pre = ctx.saved_tensors
         grad_steps = _flatten_steps(grad_spikes.to(v_pre[0].dtype), ctx.order)
-        grad_currents = _lif_backward(grad_steps, v_pre, ctx.p, ctx.compiled)
-        return _unflatten_steps(grad_currents.to(ctx.dtype), ctx.shape, ctx.order), None, None, None
+        grad_currents, grad_tau_mem_inv, grad_v_th = _lif_backward(grad_steps, v_pre, ctx.p, ctx.compiled, ctx.learned)
+        grad_currents = _unflatten_steps(grad_currents.to(ctx.dtype), ctx.shape, ctx.order)
+        return grad_currents, None, None, None, grad_tau_mem_inv, grad_v_th
+
+
+def _with_learned(p: LIFParameters, tau_mem_inv: torch.Tensor | None, v_th: torch.Tensor | None) -> LIFParameters:
+    """``p`` with the current values of learned parameters (0-dim tensors) in place of its own."""
+    if tau_mem_inv is not None:
+        p = replace(p, tau_mem_inv=float(tau_mem_inv))
+    if v_th is not None:
+        p = replace(p, v_th=float(v_th))
+    return p
 
 
 def lif_sequence(
-    currents: torch.Tensor, p: LIFParameters, record_voltage: bool = False, compiled: bool = False
+    currents: torch.Tensor, p: LIFParameters, record_voltage: bool = False, compiled: bool = False,
+    tau_mem_inv: torch.Tensor | None = None, v_th: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run a LIF layer over a whole sequence [T, B, ...] from rest (v = v_leak, i = 0), fused.
 
     Returns the spikes [T, B, ...] in the input's dtype and layout and, if asked, the membrane voltage
     after each step (post-reset, in the state's precision). Without autograd nothing is kept for backward;
-    ``compiled`` runs each backward step as code generated by torch.compile.
+    ``compiled`` runs each backward step as code generated by torch.compile. ``tau_mem_inv`` and ``v_th``, 0-dim
+    tensors (learned parameters, PLIF style), replace ``p``'s values and receive gradients.
     """
-    if torch.is_grad_enabled() and currents.requires_grad:
-        return _FusedLIFSequence.apply(currents, p, record_voltage, compiled)
+    learned = [value for value in (tau_mem_inv, v_th) if value is not None]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in [currents, *learned]):
+        return _FusedLIFSequence.apply(currents, p, record_voltage, compiled, tau_mem_inv, v_th)
+    p = _with_learned(p, tau_mem_inv, v_th)
     order = _memory_order(currents[0])
     steps = _flatten_steps(_state_precision(currents), order)
     spikes, _, voltages = _lif_forward(steps, p, record_voltage, keep_pre_reset=False)
@@ -245,9 +292,14 @@ def lif_sequence(
 
 
 def lif_sequence_reference(
-    currents: torch.Tensor, p: LIFParameters, record_voltage: bool = False
+    currents: torch.Tensor, p: LIFParameters, record_voltage: bool = False,
+    tau_mem_inv: torch.Tensor | None = None, v_th: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """lif_sequence as a plain loop of lif_step under autograd: the oracle for the fused kernel."""
+    if tau_mem_inv is not None:
+        p = replace(p, tau_mem_inv=tau_mem_inv)
+    if v_th is not None:
+        p = replace(p, v_th=v_th)
     v = torch.full_like(currents[0], p.v_leak)
     i = torch.zeros_like(currents[0])
     spikes, voltages = [], []

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from snn_train import distributed
 from snn_train.allocator import keep_freed_memory
+from snn_train.augment import random_affine
 from snn_train.checkpoint import LAST, check_writable, load_for_resume, restore, save_checkpoint, write_atomically
 from snn_train.config import ConfigError, resolve_device
 from snn_train.data import NUM_CLASSES, Split, batch_indices, load_split, to_unit_interval
@@ -51,6 +52,7 @@ class EpochMetrics:
     train_accuracy: float
     test_loss: float
     test_accuracy: float
+    test_spikes_per_sample: float
     samples_per_s: float
     wall_s: float
 
@@ -85,19 +87,49 @@ def decode(voltages: torch.Tensor, decoder: str) -> torch.Tensor:
     return voltages[-1]
 
 
-def build_optimizer(parameters: Iterable[nn.Parameter], optim_cfg: Any) -> torch.optim.Optimizer:
-    """Adam and AdamW take ``momentum`` as beta1; SGD as its momentum."""
+def objective(voltages: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, loss_cfg: Any) -> torch.Tensor:
+    """The training loss summed over the batch: cross-entropy of the decoded logits or, with ``loss.per_step``, the
+    mean over time steps of the cross-entropy of each step's readout voltages; label smoothing as configured."""
+    smoothing = loss_cfg.label_smoothing
+    if loss_cfg.per_step:
+        steps = len(voltages)
+        per_step = F.cross_entropy(voltages.flatten(0, 1), labels.repeat(steps), reduction="sum", label_smoothing=smoothing)
+        return per_step / steps
+    return F.cross_entropy(logits, labels, reduction="sum", label_smoothing=smoothing)
+
+
+def build_optimizer(model: nn.Module, optim_cfg: Any) -> torch.optim.Optimizer:
+    """Adam and AdamW take ``momentum`` as beta1; SGD as its momentum. Weight decay applies to the conv and fc weights
+    only, not to biases, batch-norm parameters, thresholds or time constants."""
+    parameters = list(model.parameters())
+    groups = [
+        {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": optim_cfg.weight_decay},
+        {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0},
+    ]
     if optim_cfg.name == "sgd":
-        return torch.optim.SGD(parameters, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum)
     optimizer_class = torch.optim.AdamW if optim_cfg.name == "adamw" else torch.optim.Adam
-    return optimizer_class(parameters, lr=optim_cfg.lr, betas=(optim_cfg.momentum, 0.999), weight_decay=optim_cfg.weight_decay)
+    return optimizer_class(groups, lr=optim_cfg.lr, betas=(optim_cfg.momentum, 0.999))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """``cosine`` anneals the learning rate to zero over all optimizer steps of the run."""
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    return None
+def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, name: str) -> float:
+    """The learning rate after ``step`` optimizer steps, as a fraction of optim.lr: a linear warm-up over
+    ``warmup_steps``, then constant (``none``) or a cosine down to zero at ``total_steps`` (``cosine``)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if name == "none":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(step - warmup_steps, total_steps - warmup_steps) / max(total_steps - warmup_steps, 1)))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """``learning_rate_factor`` over the run's steps; None when the rate is constant (no warm-up, no cosine)."""
+    total_steps, warmup_steps = cfg.train.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.scheduler == "none" and warmup_steps == 0:
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, total_steps, warmup_steps, cfg.scheduler)
+    )
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
@@ -110,33 +142,46 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def encoded_shard(encoder: nn.Module, split: Split, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's part of the encoded batch ``index`` and its labels.
+def encoded_shard(
+    encoder: nn.Module, split: Split, index: torch.Tensor, augment_cfg: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's part of the encoded batch ``index`` (randomly transformed if ``augment_cfg`` is given) and its labels.
 
-    Every rank encodes the whole batch, so an encoder's random draws, and the random states after them, are a single
-    process's: a distributed run sees the same input, and every rank's random state is the one rank 0 checkpoints.
+    Every rank transforms and encodes the whole batch, so the random draws, and the random states after them, are a
+    single process's: a distributed run sees the same input, and every rank's random state is the one rank 0 checkpoints.
     """
-    encoded = encoder(to_unit_interval(split.images[index]))
+    images = to_unit_interval(split.images[index])
+    encoded = encoder(images if augment_cfg is None else random_affine(images, augment_cfg))
     part = distributed.shard(len(index))
     return encoded[:, part], split.labels[index[part]]
 
 
+@dataclass
+class TestMetrics:
+    loss: float  # cross-entropy of the decoded logits (without label smoothing)
+    accuracy: float
+    spikes_per_sample: float  # all LIF layers' spikes over the T steps
+
+
 @torch.no_grad()
-def evaluate(model: ConvSNN, encoder: nn.Module, split: Split, cfg: DictConfig) -> tuple[float, float]:
-    """Mean loss and accuracy over the split (or its first ``train.limit_batches`` batches), each rank taking its share."""
+def evaluate(model: ConvSNN, encoder: nn.Module, split: Split, cfg: DictConfig) -> TestMetrics:
+    """Loss, accuracy and spikes per sample over the split (or its first ``train.limit_batches`` batches), each rank
+    taking its share."""
     model.eval()
-    sums = torch.zeros(2, device=split.labels.device)  # loss, correct predictions
+    sums = torch.zeros(3, dtype=torch.float64, device=split.labels.device)  # loss, correct predictions, spikes
     count = 0
     for index in batch_indices(len(split), cfg.train.eval_batch_size, None, cfg.train.limit_batches):
         encoded, labels = encoded_shard(encoder, split, index)
+        trace: dict[str, LayerTrace] = {}
         with autocast(labels.device, cfg.train.precision):
-            logits = decode(model(encoded), cfg.decoder)
-        sums[0] += F.cross_entropy(logits, labels, reduction="sum")
+            logits = decode(model(encoded, trace, record_voltage=False), cfg.decoder)
+        sums[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
         sums[1] += (logits.argmax(1) == labels).sum()
+        sums[2] += sum(layer.spikes.sum(dtype=torch.float64) for layer in trace.values())
         count += len(index)
     model.train()
-    loss_sum, correct = distributed.sum_over_ranks(sums).tolist()
-    return loss_sum / count, correct / count
+    loss_sum, correct, spikes = distributed.sum_over_ranks(sums).tolist()
+    return TestMetrics(loss_sum / count, correct / count, spikes / count)
 
 
 def log_test_sample(logger: RunLogger, model: ConvSNN, encoder: nn.Module, split: Split, step: int) -> None:
@@ -217,17 +262,15 @@ def start_run(cfg: DictConfig, run_dir: Path) -> Run:
     steps_per_epoch = math.ceil(len(train_set) / cfg.train.batch_size)
     if cfg.train.limit_batches is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.train.limit_batches)
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.train.epochs * steps_per_epoch)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     progress = Progress()
     if resumed is not None:
         path, state = resumed
         progress = Progress.from_checkpoint(state)
         if progress.epoch > cfg.train.epochs:
             raise ConfigError(f"train.epochs={cfg.train.epochs} but {path} has already begun epoch {progress.epoch}")
-        restore(state, model, optimizer, scheduler, data_order)
-        if scheduler is not None:
-            scheduler.T_max = cfg.train.epochs * steps_per_epoch  # train.epochs may have changed: anneal to the new end
+        restore(state, model, optimizer, scheduler, data_order)  # the schedule follows train.epochs, which may have changed
         log.info("resuming %s: epoch %d, batch %d, step %d", path, progress.epoch, progress.batch, progress.step)
     logger = RunLogger(run_dir, purge_step=progress.step + 1 if resumed is not None else None) if distributed.is_main() else None
     log.info(
@@ -266,11 +309,12 @@ def train_step(run: Run, index: torch.Tensor, epoch: int) -> torch.Tensor | None
     unequal size (a batch that does not split evenly) included.
     """
     cfg, step = run.cfg, run.progress.step
-    encoded, labels = encoded_shard(run.encoder, run.train_set, index)
+    encoded, labels = encoded_shard(run.encoder, run.train_set, index, cfg.augment)
     trace: dict[str, LayerTrace] | None = {} if run.logger is not None and step % cfg.log.every_n_steps == 0 else None
     with autocast(labels.device, cfg.train.precision):
-        logits = decode(run.trained(encoded, trace), cfg.decoder)
-    loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+        voltages = run.trained(encoded, trace)
+        logits = decode(voltages, cfg.decoder)
+    loss_sum = objective(voltages, logits, labels, cfg.loss)
     sums = distributed.sum_over_ranks(torch.stack([loss_sum.detach().float(), (logits.argmax(1) == labels).sum().float()]))
     loss = sums[0] / len(index)
     finite = bool(torch.isfinite(loss))
@@ -357,30 +401,31 @@ def tally(progress: Progress, loss_sum: torch.Tensor, correct: torch.Tensor, epo
 def end_epoch(run: Run, epoch: int) -> None:
     """Evaluate, log, record the epoch's metrics (resetting the running sums), checkpoint and write metrics.json."""
     cfg, progress = run.cfg, run.progress
-    test_loss, test_accuracy = evaluate(run.model, run.encoder, run.test_set, cfg)
+    test = evaluate(run.model, run.encoder, run.test_set, cfg)
     seen, step = progress.seen, progress.step
     metrics = EpochMetrics(
         epoch=epoch,
         step=step,
         train_loss=progress.loss_sum / seen if seen else math.nan,
         train_accuracy=progress.correct / seen if seen else math.nan,
-        test_loss=test_loss,
-        test_accuracy=test_accuracy,
+        test_loss=test.loss,
+        test_accuracy=test.accuracy,
+        test_spikes_per_sample=test.spikes_per_sample,
         samples_per_s=seen / progress.epoch_s,
         wall_s=time.perf_counter() - run.started,
     )
     if run.logger is not None:
         if step % cfg.log.every_n_steps != 0:
             run.logger.scalars(step, {"Loss/train": metrics.train_loss, "Accuracy/train": metrics.train_accuracy, "LR": run.optimizer.param_groups[0]["lr"]})
-        run.logger.scalars(step, {"Loss/test": test_loss, "Accuracy/test": test_accuracy})
+        run.logger.scalars(step, {"Loss/test": test.loss, "Accuracy/test": test.accuracy, "Spikes/test_per_sample": test.spikes_per_sample})
         log_test_sample(run.logger, run.model, run.encoder, run.test_set, step)
     run.progress = Progress(epoch, progress.batch, step, skipped=progress.skipped, history=[*progress.history, metrics])
     save(run, run.data_order.get_state())
     if run.logger is not None:
         write_metrics(run.run_dir / "metrics.json", run.progress.history)
     log.info(
-        "epoch %d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.0f samples/s",
-        epoch, metrics.train_loss, metrics.train_accuracy, test_loss, test_accuracy, metrics.samples_per_s,
+        "epoch %d: train loss %.4f acc %.4f | test loss %.4f acc %.4f, %.0f spikes/sample | %.0f samples/s",
+        epoch, metrics.train_loss, metrics.train_accuracy, test.loss, test.accuracy, test.spikes_per_sample, metrics.samples_per_s,
     )
 
 

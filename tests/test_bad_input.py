@@ -53,7 +53,7 @@ def build_everything(overrides: list[str]) -> None:
     with torch.device("meta"):
         model = build_model(cfg, (1, 28, 28), torch.device("meta"))
         build_encoder(cfg.encoder, cfg.seq_length)
-        build_scheduler(build_optimizer(model.parameters(), cfg.optim), cfg.scheduler, 100)
+        build_scheduler(build_optimizer(model, cfg.optim), cfg, 100)
 
 
 @settings(max_examples=150, deadline=None)

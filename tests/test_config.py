@@ -51,7 +51,7 @@ def test_every_encoder_option_builds_and_encodes(encoder: str) -> None:
 @pytest.mark.parametrize("optim", options("optim"))
 def test_every_optim_option_builds_its_optimizer(optim: str) -> None:
     cfg = load_config([f"optim={optim}", "optim.lr=0.01"])
-    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg.optim)
+    optimizer = build_optimizer(torch.nn.Linear(1, 1), cfg.optim)
     assert type(optimizer).__name__.lower() == optim
     assert optimizer.param_groups[0]["lr"] == 0.01
 
