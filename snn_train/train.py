@@ -11,7 +11,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import torch
 from omegaconf import DictConfig
@@ -119,7 +119,7 @@ def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, name: s
         return (step + 1) / warmup_steps
     if name == "none":
         return 1.0
-    return 0.5 * (1 + math.cos(math.pi * min(step - warmup_steps, total_steps - warmup_steps) / max(total_steps - warmup_steps, 1)))
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(total_steps - warmup_steps, 1)))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR | None:

@@ -1,0 +1,40 @@
+"""scripts/ablation.py: runs each variant on top of the base and tabulates what each run's metrics.json says."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def ablation(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "ablation.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_ablation_table_reports_each_variants_metrics(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    base = " ".join([*tiny_overrides, "train.limit_batches=2", "seq_length=4"])
+    result = ablation(["--out", "grid", "--base", base, "seq_length=3", "model.batch_norm=true train.epochs=2"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    table = (tmp_path / "grid" / "ablation.md").read_text()
+    assert result.stdout == table
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row[0] for row in rows] == ["| base", "| `seq_length=3`", "| `model.batch_norm=true train.epochs=2`"]
+    accuracies = []
+    for n, row in enumerate(rows):
+        final = json.loads((tmp_path / "grid" / f"{n}_seed0" / "metrics.json").read_text())["final"]
+        accuracies.append(final["test_accuracy"])
+        assert row[1] == f"{100 * final['test_accuracy']:.2f} %"
+        assert row[6] == f"{final['test_spikes_per_sample']:.0f}"
+        assert row[4] == str(final["epoch"])
+    assert [row[3] for row in rows] == ["4", "3", "4"] and [row[4] for row in rows] == ["1", "1", "2"]
+    assert rows[0][2] == "" and rows[1][2] == f"{100 * (accuracies[1] - accuracies[0]):+.2f}"
+
+
+def test_a_failing_variant_stops_the_grid_and_names_its_log(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    result = ablation(["--out", "grid", "--base", " ".join(tiny_overrides), "model.dropout=2"], tmp_path)
+    assert result.returncode != 0
+    assert "model.dropout=2" in result.stderr and str(Path("grid") / "1_seed0.log") in result.stderr
+    assert "model.dropout is a probability" in (tmp_path / "grid" / "1_seed0.log").read_text()
