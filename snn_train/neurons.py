@@ -257,7 +257,9 @@ class _FusedLIFSequence(torch.autograd.Function):
         grad_steps = _flatten_steps(grad_spikes.to(v_pre[0].dtype), ctx.order)
         grad_currents, grad_tau_mem_inv, grad_v_th = _lif_backward(grad_steps, v_pre, ctx.p, ctx.compiled, ctx.learned)
         grad_currents = _unflatten_steps(grad_currents.to(ctx.dtype), ctx.shape, ctx.order)
-        return grad_currents, None, None, None, grad_tau_mem_inv, grad_v_th
+        # a learned value that was not given (None) must get None back, not a gradient
+        learned_grads = [grad if needed else None for grad, needed in zip((grad_tau_mem_inv, grad_v_th), ctx.needs_input_grad[4:])]
+        return grad_currents, None, None, None, *learned_grads
 
 
 def _with_learned(p: LIFParameters, tau_mem_inv: torch.Tensor | None, v_th: torch.Tensor | None) -> LIFParameters:

@@ -101,6 +101,13 @@ def test_report_matches_the_training_run_and_a_whole_set_forward_pass(run_dir: P
     assert json.loads((run_dir / "checkpoints" / "eval.json").read_text()) == report
 
 
+def test_the_training_runs_spike_count_equals_snn_evals(run_dir: Path) -> None:
+    report = evaluate_checkpoint(eval_config([f"checkpoint={run_dir}", "batch_size=7"]))
+    final = json.loads((run_dir / "metrics.json").read_text())["final"]
+    assert report["spikes_per_sample"] > 0
+    assert final["test_spikes_per_sample"] == pytest.approx(report["spikes_per_sample"], rel=1e-9)
+
+
 def test_snn_eval_prints_the_report_and_writes_tensorboard_images(run_dir: Path, tmp_path: Path) -> None:
     result = subprocess.run(
         ["snn-eval", f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", "tensorboard=true", "raster_samples=2", "device=cpu"],

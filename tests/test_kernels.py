@@ -126,3 +126,74 @@ def test_inference_path_gives_the_training_path_outputs() -> None:
     assert spikes.grad_fn is None and trained_spikes.grad_fn is not None
     assert torch.equal(spikes, trained_spikes)
     assert torch.equal(voltages, trained_voltages)
+
+
+# Learned tau_mem_inv and v_th (0-dim tensors) that differ from p's own values: both learned, or one of them, each
+# with a sequence on which the float32 sums of the parameters' gradients are well conditioned.
+LEARNED = [((8, SHAPES[1]), 150.0, 0.8), ((16, (3, 40)), 150.0, None), ((5, SHAPES[1]), None, 0.8)]
+
+
+def learned_values(tau_mem_inv: float | None, v_th: float | None, dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
+    return {
+        "tau_mem_inv": None if tau_mem_inv is None else torch.tensor(tau_mem_inv, dtype=dtype, requires_grad=True),
+        "v_th": None if v_th is None else torch.tensor(v_th, dtype=dtype, requires_grad=True),
+    }
+
+
+def fused_and_reference_with_learned_values(
+    p: LIFParameters, seq_length: int, shape: tuple[int, ...], tau_mem_inv: float | None, v_th: float | None,
+    compiled: bool, dtype: torch.dtype = torch.float32,
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """(spikes, voltages, gradients of currents and of each learned value) of the fused kernel and of the step loop."""
+    torch.manual_seed(seq_length)
+    currents = (torch.rand(seq_length, *shape, dtype=dtype) * 3 - 0.5).requires_grad_()
+    upstream = torch.randn(seq_length, *shape, dtype=dtype)
+    learned = learned_values(tau_mem_inv, v_th, dtype)
+    inputs = [currents, *(value for value in learned.values() if value is not None)]
+    spikes, voltages = lif_sequence(currents, p, record_voltage=True, compiled=compiled, **learned)
+    ref_spikes, ref_voltages = lif_sequence_reference(currents, p, record_voltage=True, **learned)
+    return (
+        (spikes, voltages, *torch.autograd.grad(spikes, inputs, upstream)),
+        (ref_spikes, ref_voltages, *torch.autograd.grad(ref_spikes, inputs, upstream)),
+    )
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("surrogate", ["super", "triangle", "atan"])
+def test_learned_time_constant_and_threshold_get_the_step_loop_gradients(surrogate: str, compiled: bool) -> None:
+    p = LIFParameters(**PARAMETERS[1], surrogate=surrogate, alpha=5.0)
+    for (seq_length, shape), tau_mem_inv, v_th in LEARNED:
+        fused, reference = fused_and_reference_with_learned_values(p, seq_length, shape, tau_mem_inv, v_th, compiled)
+        assert len(fused) == 3 + (tau_mem_inv is not None) + (v_th is not None)
+        (spikes, voltages, *grads), (ref_spikes, ref_voltages, *ref_grads) = fused, reference
+        assert torch.equal(spikes, ref_spikes)
+        assert 0 < spikes.mean() < 1
+        assert relative_error(voltages, ref_voltages) <= 1e-5
+        for grad, ref_grad in zip(grads, ref_grads):
+            assert relative_error(grad, ref_grad) <= 1e-5
+            assert ref_grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("surrogate", sorted(SURROGATE_GRADIENTS))
+def test_learned_value_gradients_equal_autograd_to_float64_precision(surrogate: str) -> None:
+    p = LIFParameters(**PARAMETERS[2], surrogate=surrogate, alpha=0.3 if surrogate == "circ" else 5.0)
+    for (seq_length, shape), tau_mem_inv, v_th in LEARNED:
+        fused, reference = fused_and_reference_with_learned_values(p, seq_length, shape, tau_mem_inv, v_th, False, torch.float64)
+        assert torch.equal(fused[0], reference[0])
+        for actual, expected in zip(fused[1:], reference[1:]):
+            assert relative_error(actual, expected) <= 1e-12
+
+
+def test_inference_path_uses_the_learned_values() -> None:
+    p = LIFParameters(**PARAMETERS[0], surrogate="super", alpha=5.0)
+    torch.manual_seed(2)
+    currents = torch.rand(9, 4, 30) * 3
+    learned = learned_values(150.0, 0.8, torch.float32)
+    with torch.no_grad():
+        spikes, voltages = lif_sequence(currents, p, record_voltage=True, **learned)
+        own_spikes, _ = lif_sequence(currents, p)
+    trained_spikes, trained_voltages = lif_sequence(currents, p, record_voltage=True, **learned)
+    assert spikes.grad_fn is None and trained_spikes.grad_fn is not None  # the learned values alone need the graph
+    assert torch.equal(spikes, trained_spikes)
+    assert torch.equal(voltages, trained_voltages)
+    assert not torch.equal(spikes, own_spikes)

@@ -1,10 +1,17 @@
-"""The assembled network: a time-invariant input convolved once gives what convolving every step gives."""
+"""The assembled network: a time-invariant input convolved (and batch-normalised) once gives what convolving every step
+gives; dropout over time; learned time constants and thresholds; traces without voltages."""
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
+import pytest
 import torch
+from torch import nn
 
 from snn_train import ConvSNN, LIFParameters, LIParameters
+from snn_train.model import LIF, convolve_over_time, dropout_over_time
 
 
 def seed_network() -> ConvSNN:
@@ -41,3 +48,125 @@ def test_repeated_input_equals_the_same_input_given_at_every_step() -> None:
     for name, grad in ref_grads.items():
         assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item()), name
         assert grad.abs().sum() > 0, name
+
+
+# A low threshold, so that a small network's every layer spikes.
+LIF_PARAMETERS = LIFParameters(tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, v_th=0.25, v_reset=0.0, dt=1e-3, surrogate="super", alpha=10.0)
+
+
+def small_network(**features: object) -> ConvSNN:
+    """A 16×16-input two-conv network with the given optional features, seeded; every layer spikes."""
+    torch.manual_seed(0)
+    return ConvSNN(
+        (1, 16, 16), [4, 6], [3, 3], [1.0, 10.0], 2, [24], 10, False, LIF_PARAMETERS,
+        LIParameters(tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, dt=1e-3), **features,
+    )
+
+
+@pytest.mark.parametrize("tau_mem_inv, dt", [(100.0, 1e-3), (300.0, 1e-3), (300.0, 2e-3)])
+def test_learned_time_constant_and_threshold_start_at_the_configured_values(tau_mem_inv: float, dt: float) -> None:
+    p = replace(LIF_PARAMETERS, tau_mem_inv=tau_mem_inv, dt=dt, v_th=0.7)
+    layer = LIF(p, learn_tau_mem=True, learn_v_th=True)
+    assert layer.tau_mem_inv().item() == pytest.approx(tau_mem_inv, rel=1e-6)
+    assert layer.v_th.item() == pytest.approx(0.7, rel=1e-7)
+    assert LIF(p).tau_mem_inv() is None and LIF(p).v_th is None
+
+
+def test_a_network_learning_time_constants_and_thresholds_starts_as_the_fixed_one() -> None:
+    torch.manual_seed(5)
+    x = torch.rand(6, 3, 1, 16, 16) * 8
+    fixed, learning = small_network(), small_network(learn_tau_mem=True, learn_v_th=True)
+    missing, unexpected = learning.load_state_dict(fixed.state_dict(), strict=False)
+    assert sorted(missing) == [f"{layer}.{name}" for layer in ("conv_lifs.0", "conv_lifs.1", "fc_lifs.0") for name in ("tau_mem_logit", "v_th")]
+    assert not unexpected
+    trace, fixed_trace = {}, {}
+    assert torch.equal(learning(x, trace), fixed(x, fixed_trace))
+    assert all(torch.equal(trace[name].spikes, fixed_trace[name].spikes) for name in fixed_trace)
+
+
+def test_every_parameter_of_a_network_with_every_feature_gets_a_gradient() -> None:
+    network = small_network(learn_tau_mem=True, learn_v_th=True, batch_norm=True, dropout=0.2)
+    trace: dict = {}
+    network(torch.rand(6, 3, 1, 16, 16) * 8, trace).max(0).values.sum().backward()
+    assert all(trace[name].spikes.sum() > 0 for name in ("conv1", "conv2", "fc1"))
+    for name, parameter in network.named_parameters():
+        assert parameter.grad is not None, name
+        if not (name.startswith("convs.") and name.endswith(".bias")):  # a batch norm after it: 0 up to rounding
+            assert parameter.grad.abs().sum() > 0, name
+
+
+def repeated_and_explicit(
+    images: torch.Tensor, conv: nn.Conv2d, norm: nn.Module, seq_length: int = 5
+) -> list[tuple[torch.Tensor, list[torch.Tensor], nn.Module]]:
+    """convolve_over_time of an image batch repeated over time, as a stride-0 view and as a dense copy (each with its
+    own copy of ``conv`` and ``norm``): the output, the gradients of the images and of every parameter for a random
+    upstream gradient, and the norm after it."""
+    upstream = torch.randn(seq_length, *conv(images).shape)
+    results = []
+    for dense in (False, True):
+        conv_copy, norm_copy = copy.deepcopy(conv), copy.deepcopy(norm)
+        base = images.clone().requires_grad_()
+        x = base.expand(seq_length, -1, -1, -1, -1)
+        out = convolve_over_time(conv_copy, norm_copy, x.contiguous() if dense else x, 2.0)
+        parameters = [base, *conv_copy.parameters(), *norm_copy.parameters()]
+        results.append((out, torch.autograd.grad(out, parameters, upstream), norm_copy))
+    return results
+
+
+def test_a_repeated_input_is_batch_normalised_as_the_same_input_at_every_step() -> None:
+    torch.manual_seed(3)
+    images, conv = torch.rand(4, 2, 9, 9), nn.Conv2d(2, 3, 3, bias=False)  # with a bias: its gradient is 0 up to rounding
+    (out, grads, _), (ref_out, ref_grads, _) = repeated_and_explicit(images, conv, nn.BatchNorm2d(3))
+    assert out.stride(0) == 0  # convolved and normalised once
+    assert torch.allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert ref_out.mean().abs() < 1e-5 and (ref_out.var() / 4 - 1).abs() < 1e-2  # normalised (times the scale 2)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-5 * ref_grad.abs().max().item())
+        assert ref_grad.abs().sum() > 0
+
+
+def test_running_statistics_of_a_repeated_input_are_those_of_its_batch() -> None:
+    torch.manual_seed(3)
+    images, conv = torch.rand(4, 2, 9, 9), nn.Conv2d(2, 3, 3)
+    (_, _, norm), (_, _, ref_norm) = repeated_and_explicit(images, conv, nn.BatchNorm2d(3, momentum=0.25))
+    with torch.no_grad():
+        currents = conv(images).transpose(0, 1).flatten(1)  # [C, B·H·W]
+    assert norm.num_batches_tracked == ref_norm.num_batches_tracked == 1
+    assert torch.allclose(norm.running_mean, 0.25 * currents.mean(1), rtol=1e-5)
+    assert torch.allclose(norm.running_mean, ref_norm.running_mean, rtol=1e-5)
+    # the unbiased variance of the B·H·W distinct values; the dense copy counts each T times, a factor ~1 + 1/(B·H·W)
+    assert torch.allclose(norm.running_var, 0.75 + 0.25 * currents.var(1), rtol=1e-5)
+    assert torch.allclose(norm.running_var, ref_norm.running_var, rtol=1e-3)
+
+
+def test_dropout_drops_the_same_neurons_at_every_time_step_and_rescales_the_rest() -> None:
+    torch.manual_seed(4)
+    x = torch.rand(6, 50, 40) + 0.5
+    out = dropout_over_time(x, 0.25, training=True)
+    dropped = out == 0
+    assert torch.equal(dropped, dropped[0].expand_as(dropped))  # one mask for the whole sequence
+    assert torch.allclose(out[~dropped], x[~dropped] / 0.75)
+    assert abs(dropped[0].float().mean().item() - 0.25) < 0.04
+    assert dropout_over_time(x, 0.25, training=False) is x
+    assert dropout_over_time(x, 0.0, training=True) is x
+
+
+def test_dropout_is_off_in_eval_mode_and_on_in_train_mode() -> None:
+    torch.manual_seed(6)
+    x = torch.rand(4, 3, 1, 16, 16) * 8
+    plain, dropping = small_network(), small_network(dropout=0.5)
+    assert torch.equal(dropping.eval()(x), plain.eval()(x))
+    assert not torch.equal(dropping.train()(x), plain.train()(x))
+
+
+def test_traces_without_voltages_hold_the_same_spikes() -> None:
+    torch.manual_seed(7)
+    x = torch.rand(4, 3, 1, 16, 16) * 8
+    model = small_network()
+    with_voltage, without_voltage = {}, {}
+    voltages = model(x, with_voltage)
+    assert torch.equal(model(x, without_voltage, record_voltage=False), voltages)
+    assert with_voltage.keys() == without_voltage.keys() == {"conv1", "conv2", "fc1"}
+    for name, layer in without_voltage.items():
+        assert layer.voltage is None and with_voltage[name].voltage is not None
+        assert torch.equal(layer.spikes, with_voltage[name].spikes)

@@ -15,12 +15,14 @@ from snn_train.checkpoint import load_checkpoint
 
 KILL_CHILD = Path(__file__).with_name("kill_child.py")
 # 3 epochs of 6 batches, a checkpoint every 4 steps and at each epoch end (steps 4, 6, 8, 12, 16, 18);
-# Poisson input so the random states matter, and a network that learns so the weights move.
+# Poisson input, random augmentation and dropout so the random states matter, batch norm so its running statistics
+# must survive, and a network that learns so the weights move.
 RUN = [
     "encoder=poisson", "model.lif.alpha=10", "encoder.input_scale=5", "seq_length=4", "decoder=mean", "optim.lr=5e-3",
+    "augment.shift=1", "augment.rotate=5", "model.dropout=0.1", "model.batch_norm=true",
     "train.epochs=3", "train.checkpoint_every_n_steps=4", "log.histogram_every_n_steps=5",
 ]
-COMPARED = ("epoch", "step", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
+COMPARED = ("epoch", "step", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "test_spikes_per_sample")
 
 
 def start(args: list[str], cwd: Path, kill_at: str | None = None) -> subprocess.Popen:
@@ -81,6 +83,7 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path:
 
     expected, resumed = load_checkpoint(reference_dir / "checkpoints" / "last.pt"), load_checkpoint(checkpoints / "last.pt")
     assert expected["model"].keys() == resumed["model"].keys()
+    assert expected["model"]["norms.0.num_batches_tracked"] == 18  # the running statistics are compared below
     assert all(torch.equal(expected["model"][name], resumed["model"][name]) for name in expected["model"])
     for expected_state, resumed_state in zip(expected["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
         assert all(torch.equal(expected_state[key], resumed_state[key]) for key in expected_state)

@@ -58,8 +58,14 @@ def test_optuna_preset_searches_and_reports_the_best_test_accuracy(tmp_path: Pat
         capture_output=True, text=True, check=True,
     )
     header, rule, *rows = summary.stdout.splitlines()
-    assert header.startswith("| overrides | seq_length | steps | test_accuracy") and len(rows) == 2
-    assert all("optim.lr=" in row and "hparams_search=optuna" in row for row in rows)
+    columns = header.strip("| ").split(" | ")
+    assert columns[:7] == ["overrides", "seq_length", "epochs", "steps", "test_accuracy", "test_loss", "spikes_per_sample"]
+    cells = [dict(zip(columns, row.strip("| ").split(" | "), strict=True)) for row in rows]
+    assert len(cells) == 2 and all("optim.lr=" in c["overrides"] and "hparams_search=optuna" in c["overrides"] for c in cells)
+    finals = [json.loads((job / "metrics.json").read_text())["final"] for job in jobs]
+    assert sorted((c["epochs"], c["spikes_per_sample"]) for c in cells) == sorted(
+        (str(final["epoch"]), str(round(final["test_spikes_per_sample"], 1))) for final in finals
+    )
 
 
 def test_slurm_preset_takes_partition_gpus_and_time_limit_as_overrides() -> None:

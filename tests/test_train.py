@@ -1,20 +1,24 @@
-"""The training loop in-process: it learns, it is reproducible, and the Hydra main returns the accuracy."""
+"""The training loop in-process: it learns, it is reproducible, and the Hydra main returns the accuracy; the loss, the
+learning-rate schedule and weight decay against closed forms."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.nn import functional as F
 
 from snn_train import ConvSNN, LIFParameters, LIParameters, load_config
 from snn_train.cli import run
-from snn_train.train import fit
+from snn_train.train import build_optimizer, build_scheduler, decode, fit, learning_rate_factor, objective
 
 
 def train_losses(run_dir: Path) -> list[float]:
@@ -100,3 +104,116 @@ def test_compiled_kernels_train_as_the_eager_ones(tmp_path: Path, tiny_overrides
     eager, compiled = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
     assert len(set(eager)) == 4
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def loss_cfg(per_step: bool, label_smoothing: float = 0.0):
+    return OmegaConf.create({"per_step": per_step, "label_smoothing": label_smoothing})
+
+
+def test_per_step_loss_is_the_mean_over_time_of_each_steps_cross_entropy() -> None:
+    torch.manual_seed(0)
+    voltages, labels = torch.randn(5, 7, 10), torch.randint(0, 10, (7,))
+    logits = decode(voltages, "max")
+    expected = sum(F.cross_entropy(voltages[t], labels, reduction="sum") for t in range(5)) / 5
+    assert objective(voltages, logits, labels, loss_cfg(per_step=True)).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert objective(voltages, logits, labels, loss_cfg(per_step=False)).item() == pytest.approx(
+        F.cross_entropy(logits, labels, reduction="sum").item(), rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("per_step", [False, True])
+def test_label_smoothing_mixes_in_the_mean_cross_entropy_over_all_classes(per_step: bool) -> None:
+    torch.manual_seed(1)
+    voltages, labels = torch.randn(4, 6, 10), torch.randint(0, 10, (6,))
+    logits = decode(voltages, "mean")
+    scored = voltages if per_step else logits.unsqueeze(0)
+    log_p = torch.log_softmax(scored, dim=-1)  # [steps, B, classes]
+    true_class = -log_p.gather(-1, labels.expand(len(scored), -1).unsqueeze(-1)).squeeze(-1)
+    expected = ((1 - 0.2) * true_class + 0.2 * -log_p.mean(-1)).sum() / len(scored)
+    assert objective(voltages, logits, labels, loss_cfg(per_step, 0.2)).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def scheduled_rates(scheduler_cfg: list[str], steps_per_epoch: int, lr: float = 0.1) -> list[float]:
+    """The learning rate of every optimizer step of a run, then the one after its last step, as build_scheduler sets it."""
+    cfg = load_config([*scheduler_cfg, f"optim.lr={lr}"])
+    optimizer = build_optimizer(nn.Linear(2, 2), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    rates = []
+    for _ in range(cfg.train.epochs * steps_per_epoch + 1):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_cosine_without_warm_up_is_torchs_cosine_annealing() -> None:
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=14)  # the scheduler before warm-up existed
+    expected = []
+    for _ in range(15):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        cosine.step()
+    assert scheduled_rates(["scheduler=cosine", "warmup_epochs=0", "train.epochs=2"], 7) == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert [0.1 * learning_rate_factor(step, 14, 0, "cosine") for step in range(15)] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
+def test_warm_up_rises_linearly_to_the_full_rate_then_anneals_to_zero() -> None:
+    total, warmup = 20, 5
+    factors = [learning_rate_factor(step, total, warmup, "cosine") for step in range(total + 1)]
+    assert factors[:warmup] == pytest.approx([(step + 1) / warmup for step in range(warmup)])
+    assert factors[warmup:] == pytest.approx([0.5 * (1 + math.cos(math.pi * s / (total - warmup))) for s in range(total - warmup + 1)])
+    assert factors[warmup] == 1 and factors[-1] == pytest.approx(0, abs=1e-12)
+    assert all(a > b for a, b in zip(factors[warmup:], factors[warmup + 1 :]))
+    assert [learning_rate_factor(step, total, warmup, "none") for step in range(warmup - 1, total + 1)] == [1.0] * (total - warmup + 2)
+    # warmup_epochs=0.5 of 8 steps per epoch: 4 steps of warm-up; then the rate stays at optim.lr without a cosine
+    assert scheduled_rates(["scheduler=none", "warmup_epochs=0.5", "train.epochs=1"], 8) == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+
+
+def test_a_constant_rate_needs_no_scheduler() -> None:
+    cfg = load_config(["scheduler=none", "warmup_epochs=0"])
+    assert build_scheduler(build_optimizer(nn.Linear(2, 2), cfg.optim), cfg, 10) is None
+
+
+@pytest.mark.parametrize("optim", ["adam", "adamw", "sgd"])
+def test_weight_decay_shrinks_weights_but_not_biases_norms_thresholds_or_time_constants(optim: str) -> None:
+    cfg = load_config([f"optim={optim}", "optim.lr=0.01", "optim.weight_decay=0.1"])
+    network = ConvSNN.from_config(
+        load_config(["model.conv_channels=[4,6]", "model.kernel_sizes=[3,3]", "model.fc_features=[16]", "model.batch_norm=true",
+                     "model.learn_tau_mem=true", "model.learn_v_th=true"]).model, (1, 16, 16),
+    )
+    optimizer = build_optimizer(network, cfg.optim)
+    names = {id(p): name for name, p in network.named_parameters()}
+    decayed, kept = ({names[id(p)] for p in group["params"]} for group in optimizer.param_groups)
+    assert decayed == {"convs.0.weight", "convs.1.weight", "fcs.0.weight", "readout_linear.weight"}
+    assert decayed | kept == set(names.values()) and {"norms.0.weight", "conv_lifs.0.v_th", "fc_lifs.0.tau_mem_logit"} <= kept
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.1, 0.0]
+
+    before = {name: p.detach().clone() for name, p in network.named_parameters()}
+    for p in network.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in network.named_parameters():
+        if name not in decayed:
+            assert torch.equal(p, before[name]), name
+        elif optim == "adam":  # L2 in the gradient g = decay·w: Adam's first step is lr·g/(|g| + eps), towards 0
+            decay_gradient = 0.1 * before[name]
+            assert torch.allclose(p, before[name] - 0.01 * decay_gradient / (decay_gradient.abs() + 1e-8), atol=1e-7), name
+        else:  # decoupled (AdamW), or L2 times lr (SGD's first step): w·(1 - lr·decay)
+            assert torch.allclose(p, before[name] * (1 - 0.01 * 0.1), rtol=1e-6), name
+
+
+def test_a_resumed_schedule_follows_the_new_number_of_epochs() -> None:
+    cfg = load_config(["scheduler=cosine", "warmup_epochs=0", "train.epochs=1", "optim.lr=0.1"])
+    optimizer = build_optimizer(nn.Linear(2, 2), cfg.optim)
+    finished = build_scheduler(optimizer, cfg, 6)
+    for _ in range(6):
+        optimizer.step()
+        finished.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0, abs=1e-12)
+    longer = load_config(["scheduler=cosine", "warmup_epochs=0", "train.epochs=3", "optim.lr=0.1"])
+    resumed = build_scheduler(optimizer, longer, 6)
+    resumed.load_state_dict(finished.state_dict())
+    optimizer.step()
+    resumed.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * learning_rate_factor(7, 18, 0, "cosine"), rel=1e-9)
