@@ -12,8 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
-from snn_train.checkpoint import find_checkpoint, load_checkpoint, write_atomically
-from snn_train.config import resolve_device
+from snn_train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, write_atomically
+from snn_train.config import Config, resolve_device
 from snn_train.data import DataError, Split, batch_indices, load_split, to_unit_interval
 from snn_train.encoders import build_encoder
 from snn_train.model import ConvSNN, LayerTrace
@@ -30,6 +30,15 @@ def per_class_accuracy(matrix: torch.Tensor) -> list[float | None]:
     """Recall of each class (correct / samples of that class); None for a class with no samples."""
     totals = matrix.sum(1)
     return [None if total == 0 else (matrix[k, k] / total).item() for k, total in enumerate(totals)]
+
+
+def training_config(file: Path, checkpoint: dict[str, Any]) -> DictConfig:
+    """The config the checkpoint was trained with; one from an older snn-train that lacks a key the network needs is refused."""
+    train_cfg = OmegaConf.merge(OmegaConf.structured(Config), checkpoint["config"])
+    missing = sorted(OmegaConf.missing_keys(train_cfg))
+    if missing:
+        raise CheckpointError(f"{file}: its config lacks {', '.join(missing)} (written by an older snn-train, which can evaluate it)")
+    return train_cfg
 
 
 def build_network(checkpoint: dict[str, Any], train_cfg: DictConfig, test_set: Split, data_name: str) -> ConvSNN:
@@ -113,7 +122,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.checkpoint`` on its own test set (or ``cfg.data``'s); write eval.json beside it and return the report."""
     file = find_checkpoint(Path(cfg.checkpoint))
     checkpoint = load_checkpoint(file)
-    train_cfg = OmegaConf.create(checkpoint["config"])
+    train_cfg = training_config(file, checkpoint)
     data_cfg = cfg.data if cfg.data is not None else train_cfg.data
     device = resolve_device(cfg.device, "device")
     test_set = load_split(data_cfg, train=False)

@@ -146,6 +146,22 @@ def test_a_damaged_checkpoint_is_named_in_one_line(run_dir: Path, tmp_path: Path
     assert raised.value.code == 2 and error.startswith(f"snn-eval: error: {file} {message}") and error.count("\n") == 1
 
 
+def older_config(file: Path) -> None:
+    checkpoint = torch.load(file, weights_only=True)
+    del checkpoint["config"]["model"]["batch_norm"]  # as written before the option existed
+    torch.save(checkpoint, file)
+
+
+def test_a_checkpoint_from_an_older_version_names_the_keys_it_lacks(run_dir: Path, tmp_path: Path, capsys) -> None:
+    file = tmp_path / "last.pt"
+    file.write_bytes((run_dir / "checkpoints" / "last.pt").read_bytes())
+    older_config(file)
+    with pytest.raises(SystemExit) as raised:
+        evaluate(eval_config([f"checkpoint={file}"]))
+    error = capsys.readouterr().err
+    assert raised.value.code == 2 and error == f"snn-eval: error: {file}: its config lacks model.batch_norm (written by an older snn-train, which can evaluate it)\n"
+
+
 def test_errors_a_user_can_cause_exit_2_with_one_line(run_dir: Path, tmp_path: Path, capsys) -> None:
     kmnist = tmp_path / "kmnist"
     for prefix in ("train", "t10k"):  # 20×20 images: a KMNIST-layout set the 28×28 network cannot take
