@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import make_mnist
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from snn_train import ConvSNN, load_config
-from snn_train.config import ConfigError
+from snn_train.config import ConfigError, flat_config
 from snn_train.data import load_split
 from snn_train.encoders import build_encoder
 from snn_train.train import build_optimizer, decode
@@ -28,6 +29,15 @@ def test_the_groups_offer_the_documented_options() -> None:
     assert options("encoder") == ["constant_current", "direct", "latency", "poisson"]
     assert options("data") == ["fashion_mnist", "kmnist", "mnist"]
     assert options("optim") == ["adam", "adamw", "sgd"]
+    assert options("experiment") == ["best", "fast"]
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_each_experiment_preset_sets_its_values_over_the_defaults(experiment: str) -> None:
+    preset = flat_config(OmegaConf.load(CONFIGS / "experiment" / f"{experiment}.yaml"))
+    composed = flat_config(load_config([f"+experiment={experiment}"]))
+    assert preset and {key: composed.get(key, "absent") for key in preset} == preset
+    assert composed["data.root"] == flat_config(load_config())["data.root"]  # what it does not set stays the default
 
 
 @pytest.mark.parametrize("model", options("model"))
