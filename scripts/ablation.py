@@ -36,10 +36,14 @@ def run(out: Path, name: str, overrides: list[str]) -> dict[str, object]:
     return {**job_row(run_dir), "process_wall_s": wall_s}
 
 
+def mean_accuracy(runs: list[dict[str, object]]) -> float:
+    return statistics.mean(float(r["test_accuracy"]) for r in runs)
+
+
 def variant_row(variant: str, runs: list[dict[str, object]], base_accuracy: float | None) -> dict[str, str]:
     """One table row: mean accuracy (and each seed's), its difference to the base, T, epochs, wall time, spikes."""
     accuracies = [float(r["test_accuracy"]) for r in runs]
-    accuracy = statistics.mean(accuracies)
+    accuracy = mean_accuracy(runs)
     delta = "" if base_accuracy is None else f"{100 * (accuracy - base_accuracy):+.2f}"
     return {
         "variant": f"`{variant}`" if variant else "base",
@@ -67,12 +71,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the runs, their logs and ablation.md")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    results, rows = {}, []
+    results, rows, base_accuracy = {}, [], None
     for n, variant in enumerate(["", *args.variants]):
         overrides = shlex.split(args.base) + shlex.split(variant)
         runs = [run(args.out, f"{n}_seed{seed}", [*overrides, f"train.seed={seed}"]) for seed in args.seeds]
         results[variant or "base"] = runs
-        rows.append(variant_row(variant, runs, None if n == 0 else statistics.mean(float(r["test_accuracy"]) for r in results["base"])))
+        rows.append(variant_row(variant, runs, base_accuracy))
+        base_accuracy = mean_accuracy(results["base"])
         table = markdown(args.base, rows)
         (args.out / "ablation.md").write_text(table)  # after every variant, so a long grid shows its progress
     (args.out / "ablation.json").write_text(json.dumps(results, indent=2))
