@@ -97,9 +97,9 @@ def test_two_job_sweep_runs_each_job_in_its_own_folder(tmp_path: Path, tiny_over
         capture_output=True, text=True, check=True,
     )
     header, *rows = summary.stdout.splitlines()
-    assert header.startswith("overrides,seq_length,steps,test_accuracy")
+    assert header.startswith("overrides,seq_length,epochs,steps,test_accuracy")
     assert sorted("model=super" in row for row in rows) == [False, True]
-    accuracies = [float(row.split(",")[3]) for row in rows]
+    accuracies = [float(row.split(",")[4]) for row in rows]
     assert accuracies == sorted(accuracies, reverse=True)
 
 
