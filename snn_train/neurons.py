@@ -1,108 +1,85 @@
-"""Neuron models: LIF and leaky-integrator parameters, surrogate spike functions, sequence kernels.
+"""Neuron models: LIF and leaky-integrator parameters, their Euler steps, and sequence kernels over time.
 
-All kernels are time-major: input currents [T, B, ...] in, one output per time step out.
-The equations follow Norse's current LIF model; every surrogate's ``alpha`` is honoured.
+All kernels are time-major: input currents [T, B, ...] in, one output per time step out. The equations are
+Norse's current-based LIF model (``lif_step``); ``lif_sequence_reference`` and ``li_sequence_reference`` loop those
+steps and are the oracles every fast kernel (eager, compiled, Triton) is tested against.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
-
-@dataclass(frozen=True)
-class LIFParameters:
-    """Leaky integrate-and-fire neuron with a current synapse and a surrogate spike gradient."""
-
-    tau_syn_inv: float
-    tau_mem_inv: float
-    v_leak: float
-    v_th: float
-    v_reset: float
-    dt: float
-    surrogate: str
-    alpha: float
+from snn_train.surrogates import SURROGATES, spike
 
 
 @dataclass(frozen=True)
 class LIParameters:
-    """Leaky integrator (non-spiking readout) with a current synapse."""
+    """Leaky integrator (the non-spiking readout) with a current synapse; rates in 1/s, times in s, voltages unitless."""
+
+    tau_syn_inv: float  # 1/τs, inverse synaptic time constant
+    tau_mem_inv: float  # 1/τm, inverse membrane time constant
+    v_leak: float  # resting voltage
+    dt: float  # Euler step
+
+
+@dataclass(frozen=True)
+class LIFParameters:
+    """Leaky integrate-and-fire neuron with a current synapse and a surrogate spike gradient (units as LIParameters)."""
 
     tau_syn_inv: float
     tau_mem_inv: float
     v_leak: float
+    v_th: float  # spike threshold
+    v_reset: float  # voltage right after a spike
     dt: float
+    surrogate: str  # a name in surrogates.SURROGATES
+    alpha: float  # the surrogate's sharpness
 
 
-def _superspike(x: torch.Tensor, alpha: float) -> torch.Tensor:
-    return 1.0 / (alpha * x.abs() + 1.0).pow(2)
+def leaky_integrate(v: torch.Tensor, current: torch.Tensor, dt: float, tau_mem_inv: float, v_leak: float) -> torch.Tensor:
+    """One Euler step of the membrane: v + dt·τm⁻¹·(v_leak − v + current)."""
+    return v + dt * tau_mem_inv * (v_leak - v + current)
 
 
-def _tanh(x: torch.Tensor, alpha: float) -> torch.Tensor:
-    return 1.0 - torch.tanh(alpha * x).pow(2)
+def li_step(
+    current: torch.Tensor, v: torch.Tensor, i: torch.Tensor, p: LIParameters | LIFParameters
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Euler step of the leaky integrator; returns (v, i) after it.
 
+        i ← i + I                       (the input current jumps into the synapse)
+        v ← v + dt·τm⁻¹·(v_leak − v + i)
+        i ← i − dt·τs⁻¹·i               (the synaptic current decays)
 
-def _triangle(x: torch.Tensor, alpha: float) -> torch.Tensor:
-    return alpha * torch.relu(1.0 - x.abs())
-
-
-def _circ(x: torch.Tensor, alpha: float) -> torch.Tensor:
-    return alpha**3 / (alpha**2 + x.pow(2)).pow(1.5)
-
-
-def _erfc(x: torch.Tensor, alpha: float) -> torch.Tensor:
-    return alpha / math.sqrt(math.pi) * torch.exp(-(alpha * x).pow(2))
-
-
-def _atan(x: torch.Tensor, alpha: float) -> torch.Tensor:
-    return alpha / 2.0 / (1.0 + (math.pi / 2.0 * alpha * x).pow(2))
-
-
-SURROGATE_GRADIENTS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
-    "super": _superspike,
-    "tanh": _tanh,
-    "triangle": _triangle,
-    "circ": _circ,
-    "erfc": _erfc,
-    "atan": _atan,
-}
-"""d spike / d x for x = v - v_th. Forward is always the Heaviside step Θ(x) (x > 0 spikes)."""
-
-
-class _SpikeFunction(torch.autograd.Function):
-    """Heaviside step forward, a surrogate derivative backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, surrogate: str, alpha: float) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        ctx.surrogate = surrogate
-        ctx.alpha = alpha
-        return (x > 0).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (x,) = ctx.saved_tensors
-        return grad_output * SURROGATE_GRADIENTS[ctx.surrogate](x, ctx.alpha), None, None
-
-
-def spike(x: torch.Tensor, surrogate: str, alpha: float) -> torch.Tensor:
-    """Θ(x) with the named surrogate gradient of sharpness ``alpha``."""
-    return _SpikeFunction.apply(x, surrogate, alpha)
+    Args:
+        current: input current I [B, ...] of this step.
+        v: membrane voltage [B, ...] before the step (v_leak at rest).
+        i: synaptic current [B, ...] before the step (0 at rest).
+        p: dt (s), τm⁻¹ and τs⁻¹ (1/s), v_leak.
+    """
+    i = i + current  # i ← i + I
+    v = leaky_integrate(v, i, p.dt, p.tau_mem_inv, p.v_leak)  # v ← v + dt·τm⁻¹·(v_leak − v + i)
+    i = i - p.dt * p.tau_syn_inv * i  # i ← i − dt·τs⁻¹·i
+    return v, i
 
 
 def lif_step(
     current: torch.Tensor, v: torch.Tensor, i: torch.Tensor, p: LIFParameters
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One Euler step of the LIF neuron; returns (spikes, v, i) after the step."""
-    i = i + current
-    v = v + p.dt * p.tau_mem_inv * (p.v_leak - v + i)
-    i = i - p.dt * p.tau_syn_inv * i
-    z = spike(v - p.v_th, p.surrogate, p.alpha)
-    v = (1 - z) * v + z * p.v_reset
+    """One Euler step of the LIF neuron (Norse's ``lif_feed_forward_step``); returns (z, v, i) after it.
+
+        i ← i + I;  v ← v + dt·τm⁻¹·(v_leak − v + i);  i ← i − dt·τs⁻¹·i     (``li_step``)
+        z = Θ(v − v_th)                 (a spike, 0 or 1; its gradient is p.surrogate's)
+        v ← (1 − z)·v + z·v_reset       (a spiking neuron is reset)
+
+    Args and shapes as ``li_step``; z has the shape of ``current``.
+    """
+    v, i = li_step(current, v, i, p)
+    z = spike(v - p.v_th, p.surrogate, p.alpha)  # z = Θ(v − v_th)
+    v = (1 - z) * v + z * p.v_reset  # v ← (1 − z)·v + z·v_reset
     return z, v, i
 
 
@@ -138,10 +115,10 @@ def _lif_forward(
     """Spikes [T, N], the pre-reset voltage of each step if kept (for backward) and, if asked, the
     post-reset voltages [T, N].
 
-    Repeats lif_step's arithmetic in the same order, in place, so spikes equal the reference's exactly.
+    ``lif_step``'s arithmetic in the same order, in place, so spikes equal the reference's exactly.
     (Compiling this step measured slower here than these in-place operations.)
     """
-    a, b = p.dt * p.tau_mem_inv, p.dt * p.tau_syn_inv
+    dt_tau_mem_inv, dt_tau_syn_inv = p.dt * p.tau_mem_inv, p.dt * p.tau_syn_inv
     v = torch.full_like(currents[0], p.v_leak)
     i = torch.zeros_like(currents[0])
     v_reset = currents[0].new_tensor(p.v_reset)
@@ -149,18 +126,28 @@ def _lif_forward(
     voltages = torch.empty_like(spikes) if record_voltage else None
     v_pre = []
     for t, current in enumerate(currents):
-        i += current
-        dv = torch.neg(v).add_(p.v_leak).add_(i).mul_(a)
-        pre_reset = v + dv
-        i -= i * b
-        spiked = pre_reset > p.v_th
+        i += current  # i ← i + I
+        pre_reset = v + torch.neg(v).add_(p.v_leak).add_(i).mul_(dt_tau_mem_inv)  # v + dt·τm⁻¹·(v_leak − v + i)
+        i -= i * dt_tau_syn_inv  # i ← i − dt·τs⁻¹·i
+        spiked = pre_reset > p.v_th  # z = Θ(v − v_th)
         spikes[t] = spiked
-        v = torch.where(spiked, v_reset, pre_reset)
+        v = torch.where(spiked, v_reset, pre_reset)  # v ← (1 − z)·v + z·v_reset
         if keep_pre_reset:
             v_pre.append(pre_reset)
         if record_voltage:
             voltages[t] = v
     return spikes, v_pre, voltages
+
+
+def _run_lif(
+    currents: torch.Tensor, p: LIFParameters, record_voltage: bool, keep_pre_reset: bool
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None, list[int]]:
+    """``_lif_forward`` on [T, B, ...]: spikes in the input's dtype and layout, the pre-reset voltages if kept (flat),
+    the post-reset voltages if asked (in the state's precision), and the memory order used."""
+    order = _memory_order(currents[0])
+    spikes, v_pre, voltages = _lif_forward(_flatten_steps(_state_precision(currents), order), p, record_voltage, keep_pre_reset)
+    voltages = None if voltages is None else _unflatten_steps(voltages, currents.shape, order)
+    return _unflatten_steps(spikes.to(currents.dtype), currents.shape, order), v_pre, voltages, order
 
 
 @functools.cache
@@ -171,33 +158,35 @@ def _compiled(step: Callable[..., tuple[torch.Tensor, ...]]) -> Callable[..., tu
 
 def _backward_step(
     surrogate: str, grad_spike: torch.Tensor, grad_v: torch.Tensor, grad_i: torch.Tensor, v_pre: torch.Tensor,
-    a: torch.Tensor, b: torch.Tensor, v_th: torch.Tensor, v_reset: torch.Tensor, alpha: torch.Tensor,
+    dt_tau_mem_inv: torch.Tensor, dt_tau_syn_inv: torch.Tensor, v_th: torch.Tensor, v_reset: torch.Tensor,
+    alpha: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One LIF step backward: the gradients of this step's input current (= of i_in) and of the voltage before it."""
     x = v_pre - v_th
     # v_post = (1 - z)·v_pre + z·v_reset, where z = Θ(v_pre - v_th) carries the surrogate gradient
     grad_z = grad_spike + grad_v * (v_reset - v_pre)
-    grad_v_pre = grad_v * (x <= 0) + grad_z * SURROGATE_GRADIENTS[surrogate](x, alpha)
-    # i_post = (1 - b)·i_in and v_pre = v + a·(v_leak - v + i_in), where i_in = i + current
-    grad_i = grad_i * (1 - b) + a * grad_v_pre
-    return grad_i, grad_v_pre * (1 - a)
+    grad_v_pre = grad_v * (x <= 0) + grad_z * SURROGATES[surrogate](x, alpha)
+    # i_post = (1 - dt·τs⁻¹)·i_in and v_pre = v + dt·τm⁻¹·(v_leak - v + i_in), where i_in = i + current
+    grad_i = grad_i * (1 - dt_tau_syn_inv) + dt_tau_mem_inv * grad_v_pre
+    return grad_i, grad_v_pre * (1 - dt_tau_mem_inv)
 
 
 def _learned_backward_step(
     surrogate: str, grad_spike: torch.Tensor, grad_v: torch.Tensor, grad_i: torch.Tensor, v_pre: torch.Tensor,
-    v_before: torch.Tensor, a: torch.Tensor, b: torch.Tensor, v_th: torch.Tensor, v_reset: torch.Tensor, alpha: torch.Tensor,
+    v_before: torch.Tensor, dt_tau_mem_inv: torch.Tensor, dt_tau_syn_inv: torch.Tensor, v_th: torch.Tensor,
+    v_reset: torch.Tensor, alpha: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """_backward_step, plus this step's share of the gradients of a = dt·tau_mem_inv and of v_th.
+    """_backward_step, plus this step's share of the gradients of dt·τm⁻¹ and of v_th.
 
-    v_pre = v_before + a·(v_leak - v_before + i_in), so d v_pre / d a = (v_pre - v_before) / a; z = Θ(v_pre - v_th).
+    v_pre = v_before + dt·τm⁻¹·(v_leak - v_before + i_in), so d v_pre / d(dt·τm⁻¹) = (v_pre - v_before) / (dt·τm⁻¹).
     """
     x = v_pre - v_th
     grad_z = grad_spike + grad_v * (v_reset - v_pre)
-    grad_x = grad_z * SURROGATE_GRADIENTS[surrogate](x, alpha)
+    grad_x = grad_z * SURROGATES[surrogate](x, alpha)
     grad_v_pre = grad_v * (x <= 0) + grad_x
-    grad_a = (grad_v_pre * (v_pre - v_before)).sum() / a
-    grad_i = grad_i * (1 - b) + a * grad_v_pre
-    return grad_i, grad_v_pre * (1 - a), grad_a, -grad_x.sum()
+    grad_dt_tau_mem_inv = (grad_v_pre * (v_pre - v_before)).sum() / dt_tau_mem_inv
+    grad_i = grad_i * (1 - dt_tau_syn_inv) + dt_tau_mem_inv * grad_v_pre
+    return grad_i, grad_v_pre * (1 - dt_tau_mem_inv), grad_dt_tau_mem_inv, -grad_x.sum()
 
 
 def _lif_backward(
@@ -218,14 +207,15 @@ def _lif_backward(
             grad_currents[t] = grad_i
         return grad_currents, None, None
     learned_step = _compiled(_learned_backward_step) if compiled else _learned_backward_step
-    grad_a, grad_v_th = torch.zeros_like(constants[0]), torch.zeros_like(constants[0])
+    grad_dt_tau_mem_inv, grad_v_th = torch.zeros_like(constants[0]), torch.zeros_like(constants[0])
     for t in reversed(range(len(v_pre))):
-        v_before = torch.where(v_pre[t - 1] > p.v_th, p.v_reset, v_pre[t - 1]) if t else torch.full_like(v_pre[0], p.v_leak)
-        grad_i, grad_v, step_a, step_v_th = learned_step(p.surrogate, grad_spikes[t], grad_v, grad_i, v_pre[t], v_before, *constants)
+        before = v_pre[t - 1]
+        v_before = torch.where(before > p.v_th, p.v_reset, before) if t else torch.full_like(v_pre[0], p.v_leak)
+        grad_i, grad_v, *grads = learned_step(p.surrogate, grad_spikes[t], grad_v, grad_i, v_pre[t], v_before, *constants)
         grad_currents[t] = grad_i
-        grad_a += step_a
-        grad_v_th += step_v_th
-    return grad_currents, grad_a * p.dt, grad_v_th
+        grad_dt_tau_mem_inv += grads[0]
+        grad_v_th += grads[1]
+    return grad_currents, grad_dt_tau_mem_inv * p.dt, grad_v_th
 
 
 class _FusedLIFSequence(torch.autograd.Function):
@@ -240,16 +230,13 @@ class _FusedLIFSequence(torch.autograd.Function):
         tau_mem_inv: torch.Tensor | None, v_th: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         p = _with_learned(p, tau_mem_inv, v_th)
-        order = _memory_order(currents[0])
-        steps = _flatten_steps(_state_precision(currents), order)
-        spikes, v_pre, voltages = _lif_forward(steps, p, record_voltage, keep_pre_reset=True)
+        spikes, v_pre, voltages, order = _run_lif(currents, p, record_voltage, keep_pre_reset=True)
         ctx.save_for_backward(*v_pre)
         ctx.p, ctx.compiled, ctx.order, ctx.shape, ctx.dtype = p, compiled, order, currents.shape, currents.dtype
         ctx.learned = tau_mem_inv is not None or v_th is not None
         if voltages is not None:
-            voltages = _unflatten_steps(voltages, currents.shape, order)
             ctx.mark_non_differentiable(voltages)
-        return _unflatten_steps(spikes.to(currents.dtype), currents.shape, order), voltages
+        return spikes, voltages
 
     @staticmethod
     def backward(ctx, grad_spikes: torch.Tensor, _: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -258,7 +245,8 @@ class _FusedLIFSequence(torch.autograd.Function):
         grad_currents, grad_tau_mem_inv, grad_v_th = _lif_backward(grad_steps, v_pre, ctx.p, ctx.compiled, ctx.learned)
         grad_currents = _unflatten_steps(grad_currents.to(ctx.dtype), ctx.shape, ctx.order)
         # a learned value that was not given (None) must get None back, not a gradient
-        learned_grads = [grad if needed else None for grad, needed in zip((grad_tau_mem_inv, grad_v_th), ctx.needs_input_grad[4:])]
+        grads = (grad_tau_mem_inv, grad_v_th)
+        learned_grads = [grad if needed else None for grad, needed in zip(grads, ctx.needs_input_grad[4:])]
         return grad_currents, None, None, None, *learned_grads
 
 
@@ -285,12 +273,8 @@ def lif_sequence(
     learned = [value for value in (tau_mem_inv, v_th) if value is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in [currents, *learned]):
         return _FusedLIFSequence.apply(currents, p, record_voltage, compiled, tau_mem_inv, v_th)
-    p = _with_learned(p, tau_mem_inv, v_th)
-    order = _memory_order(currents[0])
-    steps = _flatten_steps(_state_precision(currents), order)
-    spikes, _, voltages = _lif_forward(steps, p, record_voltage, keep_pre_reset=False)
-    voltages = None if voltages is None else _unflatten_steps(voltages, currents.shape, order)
-    return _unflatten_steps(spikes.to(currents.dtype), currents.shape, order), voltages
+    spikes, _, voltages, _ = _run_lif(currents, _with_learned(p, tau_mem_inv, v_th), record_voltage, keep_pre_reset=False)
+    return spikes, voltages
 
 
 def lif_sequence_reference(
@@ -314,12 +298,11 @@ def lif_sequence_reference(
 
 
 def li_impulse_response(seq_length: int, p: LIParameters) -> torch.Tensor:
-    """Voltage above v_leak at steps 0..T-1 after a unit current at step 0 (float64)."""
-    a, b = p.dt * p.tau_mem_inv, p.dt * p.tau_syn_inv
-    v, i, response = 0.0, 1.0, []
-    for _ in range(seq_length):
-        v = v + a * (i - v)
-        i = i - b * i
+    """Voltage above v_leak at steps 0..T-1 after a unit current at step 0 (float64): ``li_step`` from rest at 0."""
+    at_zero = replace(p, v_leak=0.0)
+    v, i, response = 0.0, 0.0, []
+    for t in range(seq_length):
+        v, i = li_step(1.0 if t == 0 else 0.0, v, i, at_zero)
         response.append(v)
     return torch.tensor(response, dtype=torch.float64)
 
@@ -339,13 +322,11 @@ def li_sequence(currents: torch.Tensor, p: LIParameters) -> torch.Tensor:
 
 
 def li_sequence_reference(currents: torch.Tensor, p: LIParameters) -> torch.Tensor:
-    """li_sequence as a plain step loop under autograd: the oracle for the matrix form."""
+    """li_sequence as a plain loop of li_step under autograd: the oracle for the matrix form."""
     v = torch.full_like(currents[0], p.v_leak)
     i = torch.zeros_like(currents[0])
     voltages = []
     for current in currents:
-        i = i + current
-        v = v + p.dt * p.tau_mem_inv * (p.v_leak - v + i)
-        i = i - p.dt * p.tau_syn_inv * i
+        v, i = li_step(current, v, i, p)
         voltages.append(v)
     return torch.stack(voltages)

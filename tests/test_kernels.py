@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from snn_train.surrogates import SURROGATES
 from snn_train.neurons import (
-    SURROGATE_GRADIENTS,
     LIFParameters,
     LIParameters,
     li_sequence,
@@ -29,7 +29,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("surrogate", sorted(SURROGATE_GRADIENTS))
+@pytest.mark.parametrize("surrogate", sorted(SURROGATES))
 @pytest.mark.parametrize("values", PARAMETERS)
 @pytest.mark.parametrize("seq_length, shape", [(1, SHAPES[0]), (8, SHAPES[1]), (37, SHAPES[2])])
 def test_fused_lif_equals_the_step_loop(surrogate: str, values: dict, seq_length: int, shape: tuple[int, ...], compiled: bool) -> None:
@@ -73,7 +73,7 @@ class TinySNN(nn.Module):
         return self.li_kernel(self.fc2(spikes), LIParameters(tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, dt=1e-3))
 
 
-@pytest.mark.parametrize("surrogate", sorted(SURROGATE_GRADIENTS))
+@pytest.mark.parametrize("surrogate", sorted(SURROGATES))
 def test_every_parameter_gradient_matches_the_reference(surrogate: str) -> None:
     p = LIFParameters(**PARAMETERS[0], surrogate=surrogate, alpha=0.3 if surrogate == "circ" else 5.0)
     x = torch.rand(16, 8, 20) * 6
@@ -174,7 +174,7 @@ def test_learned_time_constant_and_threshold_get_the_step_loop_gradients(surroga
             assert ref_grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("surrogate", sorted(SURROGATE_GRADIENTS))
+@pytest.mark.parametrize("surrogate", sorted(SURROGATES))
 def test_learned_value_gradients_equal_autograd_to_float64_precision(surrogate: str) -> None:
     p = LIFParameters(**PARAMETERS[2], surrogate=surrogate, alpha=0.3 if surrogate == "circ" else 5.0)
     for (seq_length, shape), tau_mem_inv, v_th in LEARNED:

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from snn_train.neurons import LIFParameters, LIParameters, li_sequence, lif_sequence, lif_step, spike
+from snn_train.neurons import LIFParameters, LIParameters, li_sequence, lif_sequence, lif_step
+from snn_train.surrogates import spike
 
 NORSE_LIF = dict(tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, v_th=1.0, v_reset=0.0, dt=1e-3)
 

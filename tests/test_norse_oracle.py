@@ -15,7 +15,8 @@ from norse.torch.functional.leaky_integrator import LIState, li_feed_forward_ste
 from norse.torch.functional.threshold import threshold  # noqa: E402
 
 from snn_train.encoders import ConstantCurrentEncoder  # noqa: E402
-from snn_train.neurons import LIFParameters, LIParameters, li_sequence, lif_sequence, spike  # noqa: E402
+from snn_train.neurons import LIFParameters, LIParameters, li_sequence, lif_sequence  # noqa: E402
+from snn_train.surrogates import spike  # noqa: E402
 
 PARAMETER_SETS = [
     dict(tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, v_th=1.0, v_reset=0.0),
