@@ -34,7 +34,7 @@ def snn_train_step(args: argparse.Namespace) -> tuple[nn.Module, Callable[[torch
     """The training application's network and loss (encoder, model, max decoder, cross-entropy)."""
     from snn_train import ConvSNN, load_config
     from snn_train.encoders import build_encoder
-    from snn_train.train import decode
+    from snn_train.task import decode
 
     cfg = load_config([f"seq_length={args.seq_length}", f"train.device={args.device}"])
     model = ConvSNN.from_config(cfg.model, (1, 28, 28), cfg.train.compile)

@@ -1,9 +1,15 @@
-"""Checkpoints: everything needed to continue a run exactly, written atomically, the last two kept."""
+"""Checkpoints: everything needed to continue a run exactly, the last two kept; the resume policy; atomic writes.
+
+A checkpoint holds the model, optimizer and scheduler states, the resolved config, the random states, and under
+``loop`` the training loop's own state (its position, running sums and history, which train.py defines).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -12,30 +18,65 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from snn_train.config import CHANGEABLE_ON_RESUME, ConfigError, resume_differences
+from snn_train.config import flat_config
+from snn_train.errors import CheckpointError, ConfigError, write_error
+from snn_train.schema import Config
 
 LAST, PREVIOUS = "last.pt", "previous.pt"
-CHECKPOINT_KEYS = ("model", "config", "epoch", "step")  # what snn-eval needs; resuming needs RESUME_KEYS too
-RESUME_KEYS = ("optimizer", "scheduler", "rng", "batch", "history")
+STATES = ("model", "optimizer", "scheduler", "config", "rng")  # a checkpoint's keys besides ``loop``
+REQUIRED = ("model", "config", "epoch", "step")  # what snn-eval needs (epoch and step in ``loop``)
+RESUMABLE = ("optimizer", "scheduler", "rng", "batch", "history")  # what resuming needs too (batch, history in ``loop``)
+# What may differ from a checkpoint's config when resuming it: how long to run, where and how to compute,
+# log and evaluate, where the data lives. Everything else (network, T, data set, optimizer, seed, batches) must match.
+CHANGEABLE_ON_RESUME = (
+    "train.epochs", "train.resume", "train.device", "train.eval_batch_size", "train.checkpoint_every_n_steps",
+    "train.on_nan", "train.precision", "train.compile", "log", "data.root", "data.download",
+)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint or run folder that cannot be written or read; the message names the path and the reason."""
-
-
-def write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through ``write`` into a temporary file beside ``path``, fsync it, rename it into place, fsync the folder."""
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    folder = os.open(path.parent, os.O_RDONLY)
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so the renames in it are on disk."""
+    descriptor = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(folder)
+        os.fsync(descriptor)
     finally:
-        os.close(folder)
+        os.close(descriptor)
+
+
+def _keep_as_previous(path: Path, previous: Path) -> None:
+    """Make ``previous`` a second name of ``path`` (a copy where the file system has no hard links)."""
+    temporary = previous.with_name(previous.name + ".tmp")
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(path, temporary)
+    except OSError:
+        shutil.copyfile(path, temporary)
+    os.replace(temporary, previous)
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], None], previous: Path | None = None) -> None:
+    """Write through ``write`` into a temporary file beside ``path``, fsync it, rename it into place, fsync the folder;
+    with ``previous``, the file ``path`` held is kept under that name, only once the new one is complete.
+
+    ``path`` is always a complete file: the old one until the rename, the new one after. A write that fails (disk
+    full, permissions, any OSError) raises CheckpointError and leaves no temporary file behind.
+    """
+    temporary = path.with_name(path.name + ".tmp")
+    leftovers = [temporary] if previous is None else [temporary, previous.with_name(previous.name + ".tmp")]
+    try:
+        with temporary.open("wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if previous is not None and path.exists():
+            _keep_as_previous(path, previous)
+        os.replace(temporary, path)
+        _sync_folder(path.parent)
+    except OSError as error:
+        for leftover in leftovers:
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
+        raise write_error(path, error) from None
 
 
 def check_writable(*folders: Path) -> None:
@@ -62,55 +103,73 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-    cfg: DictConfig,
+    cfg: Config | DictConfig,
     data_order: torch.Tensor,
-    progress: dict[str, Any],
+    loop: dict[str, Any],
 ) -> None:
-    """Write folder/last.pt atomically after moving the one before to previous.pt.
+    """Write folder/last.pt completely, then keep the one before as previous.pt; CheckpointError if it fails.
 
-    ``data_order`` is the data-order generator's state at the start of the epoch ``progress`` is in;
-    ``progress`` holds the loop's position and running sums (at least ``step``).
+    ``data_order`` is the data-order generator's state at the start of the epoch ``loop`` is in;
+    ``loop`` holds the loop's position and running sums (at least ``epoch`` and ``step``).
     """
-    folder.mkdir(parents=True, exist_ok=True)
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "rng": rng_states(data_order),
-        **progress,
+        "loop": loop,
     }
-    last = folder / LAST
-    if last.exists():
-        os.replace(last, folder / PREVIOUS)
-    write_atomically(last, lambda f: torch.save(state, f))
+    write_atomically(folder / LAST, lambda f: torch.save(state, f), previous=folder / PREVIOUS)
+
+
+def _missing(state: Any, keys: tuple[str, ...]) -> list[str]:
+    """Those of ``keys`` that ``state`` lacks, at its top level or (for the loop's) under ``loop``."""
+    if not isinstance(state, dict):
+        return list(keys)
+    loop = state.get("loop", {})
+    return [key for key in keys if key not in state and key not in loop]
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by save_checkpoint; CheckpointError with the reason if it is unreadable."""
+    """Read a checkpoint written by save_checkpoint; CheckpointError with the reason if it is unreadable.
+
+    One written before the loop's state had its own key has it at the top level: it is moved under ``loop``.
+    """
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch.load fails in many ways on a damaged file: each means "unreadable"
         reason = " ".join(str(error).split()) or type(error).__name__
         raise CheckpointError(f"{path} is not a readable checkpoint ({reason[:200]})") from None
-    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if isinstance(state, dict) and "loop" not in state:
+        loop = {key: value for key, value in state.items() if key not in STATES}
+        state = {**{key: state[key] for key in STATES if key in state}, "loop": loop}
+    missing = _missing(state, REQUIRED)
     if missing:
         raise CheckpointError(f"{path} is not an snn-train checkpoint (it lacks {', '.join(missing)})")
     return state
 
 
 def find_checkpoint(path: Path) -> Path:
-    """The checkpoint file given, or a run folder's newest: checkpoints/last.pt (previous.pt if it died replacing it)."""
-    file = path
-    if path.is_dir():
-        candidates = [path / "checkpoints" / name for name in (LAST, PREVIOUS)]
-        file = next((candidate for candidate in candidates if candidate.is_file()), candidates[0])
+    """The checkpoint file given, or a run folder's newest: checkpoints/last.pt."""
+    file = path / "checkpoints" / LAST if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"no checkpoint at {file}; give a checkpoint file or a run folder holding checkpoints/{LAST}")
     return file
 
 
-def load_for_resume(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
+def resume_differences(saved: dict[str, Any], cfg: Config | DictConfig) -> list[str]:
+    """``key (saved → now)`` for each key a checkpoint depends on whose value ``cfg`` changes."""
+    old, new = flat_config(saved), flat_config(cfg)
+    changeable = tuple(f"{key}." for key in CHANGEABLE_ON_RESUME)
+    return [
+        f"{key} ({old.get(key, 'absent')} → {new.get(key, 'absent')})"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key) and not f"{key}.".startswith(changeable)
+    ]
+
+
+def load_for_resume(cfg: Config | DictConfig) -> tuple[Path, dict[str, Any]]:
     """Read ``train.resume``'s checkpoint and refuse it if ``cfg`` changes what it depends on."""
     path = find_checkpoint(Path(cfg.train.resume))
     try:
@@ -119,9 +178,11 @@ def load_for_resume(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
         if path.name != LAST or not path.with_name(PREVIOUS).is_file():
             raise
         raise CheckpointError(f"{error}; train.resume={path.with_name(PREVIOUS)} continues from the one before") from None
-    missing = [key for key in RESUME_KEYS if key not in state]
+    missing = _missing(state, RESUMABLE)
     if missing:
-        raise CheckpointError(f"{path} cannot be resumed: it lacks {', '.join(missing)} (written by an snn-train that could not resume)")
+        raise CheckpointError(
+            f"{path} cannot be resumed: it lacks {', '.join(missing)} (written by an snn-train that could not resume)"
+        )
     differences = resume_differences(state["config"], cfg)
     if differences:
         raise ConfigError(

@@ -6,22 +6,21 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torchvision import datasets
 
-DATASET_CLASSES: dict[str, type[datasets.MNIST]] = {
+from snn_train.errors import DataError
+from snn_train.schema import DataConfig
+
+DATASETS: dict[str, type[datasets.MNIST]] = {  # data.name → its torchvision class; configs/data/<name>.yaml
     "mnist": datasets.MNIST,
     "fashion_mnist": datasets.FashionMNIST,
     "kmnist": datasets.KMNIST,
 }
 NUM_CLASSES = 10
 IDX_UBYTE = 0x08
-
-
-class DataError(RuntimeError):
-    """A dataset that is missing or corrupt; the message names the file and the fix."""
 
 
 @dataclass
@@ -76,9 +75,9 @@ def _check_raw_files(raw_folder: Path, train: bool) -> None:
         check_labels(labels)
 
 
-def load_split(data_cfg: Any, train: bool) -> Split:
+def load_split(data_cfg: DataConfig, train: bool) -> Split:
     """Load the train or test split of ``data_cfg.name`` from ``data_cfg.root`` (downloading if allowed)."""
-    dataset_class = DATASET_CLASSES[data_cfg.name]
+    dataset_class = DATASETS[data_cfg.name]
     root = Path(data_cfg.root)
     raw_folder = root / dataset_class.__name__ / "raw"
     _check_raw_files(raw_folder, train)

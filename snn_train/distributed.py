@@ -1,4 +1,5 @@
-"""Data-parallel runs: the process group torchrun or a submitit job describes, this rank's share of a batch, sums over ranks.
+"""Where a run computes: the device it asks for, and for data-parallel runs the process group torchrun or a submitit
+job describes, this rank's device and share of a batch, sums over ranks.
 
 A single process (no WORLD_SIZE above 1 in the environment) has no process group: every function here then
 answers for a world of one, so the training loop reads the same either way.
@@ -14,7 +15,26 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from snn_train.errors import ConfigError
+
 T = TypeVar("T")
+
+
+def resolve_device(device: str, key: str = "train.device") -> torch.device:
+    """``auto`` is cuda when a GPU is present, else cpu; anything else must exist on this machine (else ConfigError)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"{key}={device} is not a device; use auto, cpu or cuda[:N]") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{key}={device} is not supported; use auto, cpu or cuda[:N]")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={device} but no CUDA GPU is available; use {key}=cpu or auto")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"{key}={device} but only {torch.cuda.device_count()} GPU(s) are present")
+    return resolved
 
 
 def export_submitit_environment() -> None:

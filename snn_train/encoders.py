@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
+
+from snn_train.neurons import leaky_integrate
+from snn_train.schema import EncoderConfig
 
 
 class DirectEncoder(nn.Module):
@@ -93,9 +94,9 @@ class ConstantCurrentEncoder(nn.Module):
         v = torch.full_like(current, self.v_leak)
         spikes = []
         for _ in range(self.seq_length):
-            v = v + self.dt * self.tau_mem_inv * (self.v_leak - v + current)
-            z = (v > self.v_th).to(current.dtype)
-            v = v - z * (v - self.v_reset)
+            v = leaky_integrate(v, current, self.dt, self.tau_mem_inv, self.v_leak)  # v ← v + dt·τm⁻¹·(v_leak − v + I)
+            z = (v > self.v_th).to(current.dtype)  # z = Θ(v − v_th)
+            v = v - z * (v - self.v_reset)  # v ← v − z·(v − v_reset)
             spikes.append(z)
         return torch.stack(spikes)
 
@@ -106,7 +107,7 @@ class ConstantCurrentEncoder(nn.Module):
         )
 
 
-ENCODERS: dict[str, type[nn.Module]] = {
+ENCODERS: dict[str, type[nn.Module]] = {  # encoder.name → class; its config is configs/encoder/<name>.yaml
     "direct": DirectEncoder,
     "poisson": PoissonEncoder,
     "latency": LatencyEncoder,
@@ -114,7 +115,7 @@ ENCODERS: dict[str, type[nn.Module]] = {
 }
 
 
-def build_encoder(encoder_cfg: Any, seq_length: int) -> nn.Module:
+def build_encoder(encoder_cfg: EncoderConfig, seq_length: int) -> nn.Module:
     """The encoder named by ``encoder_cfg.name``, with the rest of its config as arguments."""
     kwargs = {key: value for key, value in encoder_cfg.items() if key != "name"}
     return ENCODERS[encoder_cfg.name](seq_length=seq_length, **kwargs)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy
 import torch
@@ -13,10 +14,30 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from snn_train.config import flat_config
+from snn_train.errors import write_error
 from snn_train.model import LayerTrace
+from snn_train.schema import Config
+
+Method = TypeVar("Method", bound=Callable[..., Any])
 
 
-def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
+def reported(method: Method) -> Method:
+    """A failed write of the event files (disk full, permissions, any OSError) as a one-line CheckpointError.
+
+    The writer writes in a thread of its own; its errors surface at the next call, so every writing method is wrapped.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: "RunLogger", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as error:
+            raise write_error(f"the event files in {self.log_dir}", error) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def flat_hparams(cfg: Config | DictConfig) -> dict[str, Any]:
     """The resolved config as flat ``a.b.c`` keys with TensorBoard-friendly values (lists and None as strings)."""
     return {key: str(value) if value is None or isinstance(value, list) else value for key, value in flat_config(cfg).items()}
 
@@ -24,17 +45,22 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
 class RunLogger:
     """Writes a run's event files into its run directory; one step axis: optimizer steps."""
 
+    @reported
     def __init__(self, log_dir: Path, purge_step: int | None = None) -> None:
         """``purge_step``: a resumed run's first step; TensorBoard hides what an earlier session logged from there on."""
+        self.log_dir = log_dir
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
+    @reported
     def flush(self) -> None:
         self.writer.flush()
 
+    @reported
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
 
+    @reported
     def spike_statistics(self, step: int, encoded: torch.Tensor, trace: dict[str, LayerTrace]) -> None:
         """Spike rate (spikes per neuron per step) of the encoder and each LIF layer; voltage and count histograms."""
         self.writer.add_scalar("SpikeRate/encoder", encoded.float().mean().item(), step)
@@ -43,6 +69,7 @@ class RunLogger:
             self.histogram(step, f"Voltage/{name}", layer.voltage)
             self.histogram(step, f"SpikeCount/{name}", layer.spikes.float().sum(0))
 
+    @reported
     def parameters(self, step: int, model: nn.Module) -> None:
         for name, parameter in model.named_parameters():
             self.histogram(step, f"Parameters/{name}", parameter.detach())
@@ -59,6 +86,7 @@ class RunLogger:
         except ValueError:  # torch's binning fails on ranges like ±1e30 (a diverging run): skip this histogram
             return
 
+    @reported
     def readout_traces(self, step: int, voltages: torch.Tensor, label: int) -> None:
         """Readout voltages [T, classes] of one test sample, one line per class."""
         figure = Figure(figsize=(6, 3.5))
@@ -70,6 +98,7 @@ class RunLogger:
         figure.tight_layout()
         self.writer.add_figure("Readout/voltage_traces", figure, step)
 
+    @reported
     def input_raster(self, step: int, encoded: torch.Tensor) -> None:
         """Encoder output [T, ...] of one sample as an image: one row per input neuron, one column per step."""
         figure = Figure(figsize=(4, 6))
@@ -79,6 +108,7 @@ class RunLogger:
         figure.tight_layout()
         self.writer.add_figure("Input/spike_raster", figure, step)
 
+    @reported
     def confusion_matrix(self, step: int, matrix: torch.Tensor) -> None:
         """Counts [true class, predicted class] as a heat map with the count in each cell."""
         figure = Figure(figsize=(6, 5.5))
@@ -92,6 +122,7 @@ class RunLogger:
         figure.tight_layout()
         self.writer.add_figure("Eval/confusion_matrix", figure, step)
 
+    @reported
     def spike_rasters(self, step: int, trace: dict[str, LayerTrace], labels: list[int]) -> None:
         """For each LIF layer, one raster per sample: a dot for each spike, neuron against time step."""
         for name, layer in trace.items():
@@ -106,9 +137,11 @@ class RunLogger:
             figure.tight_layout()
             self.writer.add_figure(f"Eval/spike_raster/{name}", figure, step)
 
-    def hparams(self, cfg: DictConfig, metrics: dict[str, float]) -> None:
+    @reported
+    def hparams(self, cfg: Config | DictConfig, metrics: dict[str, float]) -> None:
         """One HParams entry per run, so the runs of a sweep line up in the HParams dashboard."""
         self.writer.add_hparams(flat_hparams(cfg), metrics, run_name=".")
 
+    @reported
     def close(self) -> None:
         self.writer.close()

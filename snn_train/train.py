@@ -1,208 +1,40 @@
-"""Fit and evaluate: the training loop, from a validated config to metrics, checkpoints and event files."""
+"""The training loop: from a validated config to metrics, checkpoints and event files, resumable at any step.
+
+The learning problem it runs (network, loss, optimizer, schedule) is task.py's; the evaluation, evaluation.py's.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import random
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
-from torch.nn import functional as F
 from tqdm import tqdm
 
 from snn_train import distributed
 from snn_train.allocator import keep_freed_memory
-from snn_train.augment import random_affine
-from snn_train.checkpoint import LAST, check_writable, load_for_resume, restore, save_checkpoint, write_atomically
-from snn_train.config import ConfigError, resolve_device
-from snn_train.data import NUM_CLASSES, Split, batch_indices, load_split, to_unit_interval
+from snn_train.checkpoint import LAST, check_writable, load_for_resume, restore, save_checkpoint
+from snn_train.data import Split, batch_indices, load_split
+from snn_train.distributed import resolve_device
 from snn_train.encoders import build_encoder
+from snn_train.errors import ConfigError, Interrupted, TrainingError
+from snn_train.evaluation import evaluate, sample_forward
 from snn_train.model import ConvSNN, LayerTrace
+from snn_train.progress import EpochMetrics, Progress, write_metrics
+from snn_train.schema import Config
+from snn_train.task import (
+    autocast, build_model, build_optimizer, build_scheduler, decode, encoded_shard, objective, seed_everything,
+)
 from snn_train.tensorboard import RunLogger
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (a NaN or infinite loss); the message gives the step and the checkpoint left intact."""
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; the loop wrote a checkpoint at the next step boundary and stopped."""
-
-    def __init__(self, signum: int, message: str) -> None:
-        super().__init__(message)
-        self.signum = signum
-
-
-@dataclass
-class EpochMetrics:
-    epoch: int
-    step: int
-    train_loss: float
-    train_accuracy: float
-    test_loss: float
-    test_accuracy: float
-    test_spikes_per_sample: float
-    samples_per_s: float
-    wall_s: float
-
-
-@dataclass
-class Progress:
-    """Where a run stands: what a checkpoint holds beyond the states, to continue the loop exactly."""
-
-    epoch: int = 0  # the epoch of the last step (0 before the first); finished once ``history`` has it
-    batch: int = 0  # batches of it done
-    step: int = 0  # batches of the run done, skipped ones included: the step axis
-    loss_sum: float = 0.0  # this epoch's train loss summed over samples, correct predictions, samples
-    correct: int = 0
-    seen: int = 0
-    skipped: int = 0  # batches skipped for a non-finite loss (train.on_nan=skip), whole run
-    wall_s: float = 0.0  # run time and this epoch's time so far
-    epoch_s: float = 0.0
-    history: list[EpochMetrics] = field(default_factory=list)
-
-    @classmethod
-    def from_checkpoint(cls, state: dict[str, Any]) -> "Progress":
-        names = [f.name for f in fields(cls) if f.name != "history"]
-        return cls(**{name: state[name] for name in names}, history=[EpochMetrics(**e) for e in state["history"]])
-
-
-def decode(voltages: torch.Tensor, decoder: str) -> torch.Tensor:
-    """Readout voltages [T, B, classes] into logits [B, classes]."""
-    if decoder == "max":
-        return voltages.max(dim=0).values
-    if decoder == "mean":
-        return voltages.mean(dim=0)
-    return voltages[-1]
-
-
-def objective(voltages: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, loss_cfg: Any) -> torch.Tensor:
-    """The training loss summed over the batch: cross-entropy of the decoded logits or, with ``loss.per_step``, the
-    mean over time steps of the cross-entropy of each step's readout voltages; label smoothing as configured."""
-    smoothing = loss_cfg.label_smoothing
-    if loss_cfg.per_step:
-        steps = len(voltages)
-        per_step = F.cross_entropy(voltages.flatten(0, 1), labels.repeat(steps), reduction="sum", label_smoothing=smoothing)
-        return per_step / steps
-    return F.cross_entropy(logits, labels, reduction="sum", label_smoothing=smoothing)
-
-
-def build_optimizer(model: nn.Module, optim_cfg: Any) -> torch.optim.Optimizer:
-    """Adam and AdamW take ``momentum`` as beta1; SGD as its momentum. Weight decay applies to the conv and fc weights
-    only, not to biases, batch-norm parameters, thresholds or time constants."""
-    parameters = list(model.parameters())
-    groups = [
-        {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": optim_cfg.weight_decay},
-        {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    if optim_cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum)
-    optimizer_class = torch.optim.AdamW if optim_cfg.name == "adamw" else torch.optim.Adam
-    return optimizer_class(groups, lr=optim_cfg.lr, betas=(optim_cfg.momentum, 0.999))
-
-
-def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, name: str) -> float:
-    """The learning rate after ``step`` optimizer steps, as a fraction of optim.lr: a linear warm-up over
-    ``warmup_steps``, then constant (``none``) or a cosine down to zero at ``total_steps`` (``cosine``)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if name == "none":
-        return 1.0
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(total_steps - warmup_steps, 1)))
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR | None:
-    """``learning_rate_factor`` over the run's steps; None when the rate is constant (no warm-up, no cosine)."""
-    total_steps, warmup_steps = cfg.train.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
-    if cfg.scheduler == "none" and warmup_steps == 0:
-        return None
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, total_steps, warmup_steps, cfg.scheduler)
-    )
-
-
-def autocast(device: torch.device, precision: str) -> torch.autocast:
-    """Mixed precision for ``train.precision=bf16``: convolutions and matmuls in bfloat16, neuron state in float32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def encoded_shard(
-    encoder: nn.Module, split: Split, index: torch.Tensor, augment_cfg: Any = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's part of the encoded batch ``index`` (randomly transformed if ``augment_cfg`` is given) and its labels.
-
-    Every rank transforms and encodes the whole batch, so the random draws, and the random states after them, are a
-    single process's: a distributed run sees the same input, and every rank's random state is the one rank 0 checkpoints.
-    """
-    images = to_unit_interval(split.images[index])
-    encoded = encoder(images if augment_cfg is None else random_affine(images, augment_cfg))
-    part = distributed.shard(len(index))
-    return encoded[:, part], split.labels[index[part]]
-
-
-@dataclass
-class TestMetrics:
-    loss: float  # cross-entropy of the decoded logits (without label smoothing)
-    accuracy: float
-    spikes_per_sample: float  # all LIF layers' spikes over the T steps
-
-
-@torch.no_grad()
-def evaluate(model: ConvSNN, encoder: nn.Module, split: Split, cfg: DictConfig) -> TestMetrics:
-    """Loss, accuracy and spikes per sample over the split (or its first ``train.limit_batches`` batches), each rank
-    taking its share."""
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=split.labels.device)  # loss, correct predictions, spikes
-    count = 0
-    for index in batch_indices(len(split), cfg.train.eval_batch_size, None, cfg.train.limit_batches):
-        encoded, labels = encoded_shard(encoder, split, index)
-        trace: dict[str, LayerTrace] = {}
-        with autocast(labels.device, cfg.train.precision):
-            logits = decode(model(encoded, trace, record_voltage=False), cfg.decoder)
-        sums[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
-        sums[1] += (logits.argmax(1) == labels).sum()
-        sums[2] += sum(layer.spikes.sum(dtype=torch.float64) for layer in trace.values())
-        count += len(index)
-    model.train()
-    loss_sum, correct, spikes = distributed.sum_over_ranks(sums).tolist()
-    return TestMetrics(loss_sum / count, correct / count, spikes / count)
-
-
-def log_test_sample(logger: RunLogger, model: ConvSNN, encoder: nn.Module, split: Split, step: int) -> None:
-    """Readout voltage traces and input raster of test sample 0, so epochs can be compared.
-
-    Its input is drawn aside from the random states: only rank 0 draws it, and every rank's states must stay equal.
-    """
-    cuda = [split.labels.device] if split.labels.device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-        model.eval()
-        encoded = encoder(to_unit_interval(split.images[:1]))
-        voltages = model(encoded)
-        model.train()
-    logger.readout_traces(step, voltages[:, 0], int(split.labels[0]))
-    logger.input_raster(step, encoded[:, 0])
-
-
-def write_metrics(path: Path, epochs: list[EpochMetrics]) -> None:
-    """metrics.json: the final epoch's figures and every epoch's, written atomically."""
-    text = json.dumps({"final": asdict(epochs[-1]), "epochs": [asdict(e) for e in epochs]}, indent=2)
-    write_atomically(path, lambda f: f.write(text.encode()))
 
 
 @contextmanager
@@ -217,21 +49,11 @@ def stop_requests() -> Iterator[list[int]]:
             signal.signal(signum, handler)
 
 
-def build_model(cfg: DictConfig, input_shape: tuple[int, ...], device: torch.device) -> ConvSNN:
-    """The configured network for this data; one that cannot be built (too big, too deep for the images) is a config error."""
-    if cfg.model.num_classes < NUM_CLASSES:
-        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.name} has {NUM_CLASSES} classes")
-    try:
-        return ConvSNN.from_config(cfg.model, input_shape, cfg.train.compile).to(device)
-    except (ValueError, TypeError, RuntimeError) as error:  # a size torch cannot take or allocate
-        raise ConfigError(f"cannot build the network from model.*: {str(error).strip().splitlines()[0]}") from None
-
-
 @dataclass
 class Run:
     """One run's objects, shared by the loop's functions; ``progress`` is what changes."""
 
-    cfg: DictConfig
+    cfg: Config
     run_dir: Path
     train_set: Split
     test_set: Split
@@ -246,7 +68,7 @@ class Run:
     started: float  # time.perf_counter() at the run's start, earlier sessions included
 
 
-def start_run(cfg: DictConfig, run_dir: Path) -> Run:
+def start_run(cfg: Config, run_dir: Path) -> Run:
     """Check the run folder, load data, build everything; continue ``train.resume``'s checkpoint if given."""
     check_writable(run_dir, run_dir / "checkpoints")
     resumed = load_for_resume(cfg) if cfg.train.resume is not None else None
@@ -267,7 +89,7 @@ def start_run(cfg: DictConfig, run_dir: Path) -> Run:
     progress = Progress()
     if resumed is not None:
         path, state = resumed
-        progress = Progress.from_checkpoint(state)
+        progress = Progress.from_checkpoint(state["loop"])
         if progress.epoch > cfg.train.epochs:
             raise ConfigError(f"train.epochs={cfg.train.epochs} but {path} has already begun epoch {progress.epoch}")
         restore(state, model, optimizer, scheduler, data_order)  # the schedule follows train.epochs, which may have changed
@@ -383,7 +205,7 @@ def log_progress(run: Run, logger: RunLogger, loss_sum: torch.Tensor, correct: t
         train_loss, train_accuracy = loss_sum.item() / progress.seen, correct.item() / progress.seen
         samples_per_s = progress.seen / (time.perf_counter() - epoch_start)
         bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_accuracy:.4f}", samples_s=f"{samples_per_s:.0f}")
-        logger.scalars(progress.step, {"Loss/train": train_loss, "Accuracy/train": train_accuracy, "LR": run.optimizer.param_groups[0]["lr"]})
+        logger.scalars(progress.step, train_scalars(run, train_loss, train_accuracy))
     if progress.step % cfg.log.histogram_every_n_steps == 0:
         logger.parameters(progress.step, run.model)
 
@@ -401,7 +223,10 @@ def tally(progress: Progress, loss_sum: torch.Tensor, correct: torch.Tensor, epo
 def end_epoch(run: Run, epoch: int) -> None:
     """Evaluate, log, record the epoch's metrics (resetting the running sums), checkpoint and write metrics.json."""
     cfg, progress = run.cfg, run.progress
-    test = evaluate(run.model, run.encoder, run.test_set, cfg)
+    test = evaluate(
+        run.model, run.encoder, run.test_set, cfg.decoder, cfg.train.eval_batch_size, cfg.train.limit_batches,
+        cfg.train.precision,
+    )
     seen, step = progress.seen, progress.step
     metrics = EpochMetrics(
         epoch=epoch,
@@ -415,21 +240,39 @@ def end_epoch(run: Run, epoch: int) -> None:
         wall_s=time.perf_counter() - run.started,
     )
     if run.logger is not None:
-        if step % cfg.log.every_n_steps != 0:
-            run.logger.scalars(step, {"Loss/train": metrics.train_loss, "Accuracy/train": metrics.train_accuracy, "LR": run.optimizer.param_groups[0]["lr"]})
-        run.logger.scalars(step, {"Loss/test": test.loss, "Accuracy/test": test.accuracy, "Spikes/test_per_sample": test.spikes_per_sample})
-        log_test_sample(run.logger, run.model, run.encoder, run.test_set, step)
+        log_epoch(run, run.logger, metrics)
     run.progress = Progress(epoch, progress.batch, step, skipped=progress.skipped, history=[*progress.history, metrics])
     save(run, run.data_order.get_state())
     if run.logger is not None:
         write_metrics(run.run_dir / "metrics.json", run.progress.history)
     log.info(
         "epoch %d: train loss %.4f acc %.4f | test loss %.4f acc %.4f, %.0f spikes/sample | %.0f samples/s",
-        epoch, metrics.train_loss, metrics.train_accuracy, test.loss, test.accuracy, test.spikes_per_sample, metrics.samples_per_s,
+        epoch, metrics.train_loss, metrics.train_accuracy, metrics.test_loss, metrics.test_accuracy,
+        metrics.test_spikes_per_sample, metrics.samples_per_s,
     )
 
 
-def fit(cfg: DictConfig, run_dir: Path) -> list[EpochMetrics]:
+def log_epoch(run: Run, logger: RunLogger, metrics: EpochMetrics) -> None:
+    """The epoch's train figures (unless logged at this step), test figures, and test sample 0's readout traces and
+    input raster, so epochs can be compared."""
+    step = metrics.step
+    if step % run.cfg.log.every_n_steps != 0:
+        logger.scalars(step, train_scalars(run, metrics.train_loss, metrics.train_accuracy))
+    logger.scalars(step, {
+        "Loss/test": metrics.test_loss, "Accuracy/test": metrics.test_accuracy,
+        "Spikes/test_per_sample": metrics.test_spikes_per_sample,
+    })
+    encoded, voltages, _ = sample_forward(run.model, run.encoder, run.test_set, 1)
+    logger.readout_traces(step, voltages[:, 0], int(run.test_set.labels[0]))
+    logger.input_raster(step, encoded[:, 0])
+
+
+def train_scalars(run: Run, loss: float, accuracy: float) -> dict[str, float]:
+    """The running train loss and accuracy, and the learning rate, as TensorBoard scalars."""
+    return {"Loss/train": loss, "Accuracy/train": accuracy, "LR": run.optimizer.param_groups[0]["lr"]}
+
+
+def fit(cfg: Config, run_dir: Path) -> list[EpochMetrics]:
     """Train ``cfg``'s network (or continue ``train.resume``'s run), evaluating after every epoch; returns per-epoch metrics.
 
     Raises TrainingError on a non-finite loss (train.on_nan=stop) and Interrupted after SIGINT/SIGTERM.

@@ -6,12 +6,14 @@ Usage: python kill_child.py EVENT:N [snn-train overrides ...]
   term:N   SIGTERM right after the N-th optimizer step (a preemption: the run should stop cleanly)
   eval:N   SIGKILL at the N-th forward pass of the network in eval mode (inside an epoch-end evaluation)
   save:N   SIGKILL halfway through writing the N-th torch.save file (inside a checkpoint write)
+  full:N   the N-th torch.save file stops halfway with ENOSPC, as on a full disk (the run should stop cleanly)
 
 The points are found with PyTorch's global hooks and a wrapper around torch.save; snn_train itself is unchanged.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import signal
@@ -51,6 +53,8 @@ def half_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
     real_save(obj, buffer, *args, **kwargs)
     f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     f.flush()
+    if EVENT == "full":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 from hydra.errors import HydraException
 
 from snn_train import load_config
-from snn_train.cli import hydra_message, raised_in_hydra
-from snn_train.config import ConfigError, flat_config
+from snn_train.app import hydra_message, raised_in_hydra
+from snn_train.config import flat_config
 from snn_train.encoders import build_encoder
-from snn_train.train import build_model, build_optimizer, build_scheduler
+from snn_train.errors import ConfigError
+from snn_train.task import build_model, build_optimizer, build_scheduler
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 GROUPS = {group: sorted(path.stem for path in (CONFIGS / group).glob("*.yaml")) for group in ("model", "encoder", "data", "optim")}

@@ -47,9 +47,9 @@ def test_training_run_writes_metrics_checkpoint_and_tensorboard(tmp_path: Path, 
     assert f"final test accuracy {metrics['final']['test_accuracy']:.4f}" in result.stdout + result.stderr
 
     checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert {"model", "optimizer", "scheduler", "epoch", "step", "config", "rng"} <= checkpoint.keys()
+    assert {"model", "optimizer", "scheduler", "loop", "config", "rng"} <= checkpoint.keys()
     assert {"data_order", "python", "torch"} <= checkpoint["rng"].keys()
-    assert (checkpoint["epoch"], checkpoint["step"]) == (2, 6)
+    assert (checkpoint["loop"]["epoch"], checkpoint["loop"]["step"]) == (2, 6)
     assert checkpoint["config"]["seq_length"] == 4
     assert Path(checkpoint["config"]["data"]["root"]).is_absolute()
 

@@ -12,10 +12,11 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from snn_train import ConvSNN, load_config
-from snn_train.config import ConfigError, flat_config
+from snn_train.config import flat_config
 from snn_train.data import load_split
 from snn_train.encoders import build_encoder
-from snn_train.train import build_optimizer, decode
+from snn_train.errors import ConfigError
+from snn_train.task import build_optimizer, decode
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 

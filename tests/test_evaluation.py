@@ -9,16 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_mnist, write_idx
-from hydra import compose, initialize_config_module
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from snn_train import ConvSNN, LIFParameters, LIParameters, load_config
 from snn_train.checkpoint import load_checkpoint
-from snn_train.cli import evaluate
+from snn_train.cli import run_eval
+from snn_train.config import compose
 from snn_train.data import load_split, to_unit_interval
 from snn_train.encoders import build_encoder
-from snn_train.evaluation import confusion_matrix, evaluate_checkpoint, per_class_accuracy
+from snn_train.evaluation import confusion_matrix, per_class_accuracy
 from snn_train.model import LayerTrace, conv_fan_out
+from snn_train.report import evaluate_checkpoint
 from snn_train.train import fit
 
 LIF = LIFParameters(tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, v_th=1.0, v_reset=0.0, dt=1e-3, surrogate="super", alpha=10.0)
@@ -29,8 +30,7 @@ TRAINING = ["seq_length=4", "train.batch_size=16", "train.limit_batches=3", "tra
 
 
 def eval_config(overrides: list[str]):
-    with initialize_config_module(config_module="snn_train.conf", version_base="1.3"):
-        return compose(config_name="eval", overrides=["device=cpu", *overrides])
+    return compose("eval", ["device=cpu", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_a_damaged_checkpoint_is_named_in_one_line(run_dir: Path, tmp_path: Path
     file.write_bytes((run_dir / "checkpoints" / "last.pt").read_bytes())
     damage(file)
     with pytest.raises(SystemExit) as raised:
-        evaluate(eval_config([f"checkpoint={file}"]))
+        run_eval(eval_config([f"checkpoint={file}"]))
     error = capsys.readouterr().err
     assert raised.value.code == 2 and error.startswith(f"snn-eval: error: {file} {message}") and error.count("\n") == 1
 
@@ -157,7 +157,7 @@ def test_a_checkpoint_from_an_older_version_names_the_keys_it_lacks(run_dir: Pat
     file.write_bytes((run_dir / "checkpoints" / "last.pt").read_bytes())
     older_config(file)
     with pytest.raises(SystemExit) as raised:
-        evaluate(eval_config([f"checkpoint={file}"]))
+        run_eval(eval_config([f"checkpoint={file}"]))
     error = capsys.readouterr().err
     assert raised.value.code == 2 and error == f"snn-eval: error: {file}: its config lacks model.batch_norm (written by an older snn-train, which can evaluate it)\n"
 
@@ -177,7 +177,7 @@ def test_errors_a_user_can_cause_exit_2_with_one_line(run_dir: Path, tmp_path: P
     ]
     for overrides, message in cases:
         with pytest.raises(SystemExit) as raised:
-            evaluate(eval_config(overrides))
+            run_eval(eval_config(overrides))
         error = capsys.readouterr().err
         assert raised.value.code == 2 and error.startswith("snn-eval: error: ") and message in error
         assert error.count("\n") == 1

@@ -13,9 +13,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from snn_train import load_config
-from snn_train.checkpoint import CheckpointError, load_checkpoint
-from snn_train.config import ConfigError
-from snn_train.train import Interrupted, TrainingError, fit
+from snn_train.checkpoint import load_checkpoint
+from snn_train.errors import CheckpointError, ConfigError, Interrupted, TrainingError
+from snn_train.train import fit
 
 # Adam's first steps move every weight by about lr: with lr=1e37 steps 1 and 2 are finite, step 3's loss is NaN.
 EXPLODING = ["optim.lr=1e37", "scheduler=none", "train.checkpoint_every_n_steps=1"]
@@ -26,7 +26,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: P
     with pytest.raises(TrainingError, match=re.escape("loss is nan at step 3 (epoch 1, batch 3); stopped, keeping the checkpoints")):
         fit(cfg, tmp_path)
     last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
-    assert last["step"] == 2 and load_checkpoint(tmp_path / "checkpoints" / "previous.pt")["step"] == 1
+    assert last["loop"]["step"] == 2 and load_checkpoint(tmp_path / "checkpoints" / "previous.pt")["loop"]["step"] == 1
     assert all(torch.isfinite(weights).all() for weights in last["model"].values())
     assert not (tmp_path / "metrics.json").exists()
 
@@ -59,7 +59,7 @@ def test_sigint_checkpoints_at_the_next_step_boundary_and_stops(tmp_path: Path, 
     finally:
         handle.remove()
     assert stopped.value.signum == signal.SIGINT and len(steps) == 2
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 2
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["loop"]["step"] == 2
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
 
 
@@ -124,7 +124,7 @@ def test_resuming_with_more_epochs_and_other_logging_continues_the_run(trained: 
     first = load_checkpoint(trained / "checkpoints" / "last.pt")
     history = resume(tiny_overrides, trained, "train.epochs=2", "log.every_n_steps=2", "train.eval_batch_size=7")
     assert [(e.epoch, e.step) for e in history] == [(1, 2), (2, 4)]
-    assert history[0].test_accuracy == first["history"][0]["test_accuracy"]
+    assert history[0].test_accuracy == first["loop"]["history"][0]["test_accuracy"]
     with pytest.raises(ConfigError, match="train.epochs=1 but .* has already begun epoch 2"):
         resume(tiny_overrides, trained, "train.epochs=1")
 

@@ -36,7 +36,7 @@ def finish(process: subprocess.Popen) -> tuple[int, str]:
 
 
 def checkpoint_step(path: Path) -> int:
-    return load_checkpoint(path)["step"]
+    return load_checkpoint(path)["loop"]["step"]
 
 
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -63,12 +63,12 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path:
     assert checkpoint_step(checkpoints / "last.pt") == 7
     assert [e["epoch"] for e in json.loads((run_dir / "metrics.json").read_text())["epochs"]] == [1]
 
-    # 3. SIGKILL halfway through the 2nd checkpoint write (epoch 2's end, after step 8's): last.pt has
-    #    become previous.pt, the new one is a half-written temporary file; epoch 2's test scalars are logged.
+    # 3. SIGKILL halfway through the 2nd checkpoint write (epoch 2's end, after step 8's): the new one is a
+    #    half-written temporary file, last.pt is still step 8's; epoch 2's test scalars are logged.
     code, stderr = finish(start([*overrides, f"train.resume={checkpoints / 'last.pt'}"], tmp_path, "save:2"))
     assert code == -signal.SIGKILL, stderr
-    assert not (checkpoints / "last.pt").exists() and (checkpoints / "last.pt.tmp").exists()
-    assert checkpoint_step(checkpoints / "previous.pt") == 8
+    assert (checkpoints / "last.pt.tmp").exists()
+    assert checkpoint_step(checkpoints / "last.pt") == 8 and checkpoint_step(checkpoints / "previous.pt") == 7
 
     # 4. SIGKILL inside epoch 3's evaluation (the 4th eval-mode forward pass: epoch 2's evaluation took 3).
     code, stderr = finish(start([*overrides, f"train.resume={run_dir}"], tmp_path, "eval:4"))
@@ -96,3 +96,17 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path:
     for tag in ("Loss/train", "Accuracy/train", "LR", "SpikeRate/fc1", "Loss/test"):
         assert scalars(run_dir, tag) == scalars(reference_dir, tag), tag  # same steps, same values, nothing twice
     assert [step for step, _ in scalars(run_dir, "Loss/train")] == list(range(1, 19))
+
+
+def test_a_checkpoint_write_that_fails_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(
+    tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    # A checkpoint after every step; the 3rd write (step 3's, at the epoch's end) fails halfway with ENOSPC.
+    run_dir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    overrides = [*tiny_overrides, "train.limit_batches=3", "train.checkpoint_every_n_steps=1", f"hydra.run.dir={run_dir}"]
+    code, stderr = finish(start(overrides, tmp_path, "full:3"))
+    assert code == 2
+    assert stderr == f"snn-train: error: cannot write {checkpoints / 'last.pt'} (No space left on device)\n"
+    assert checkpoint_step(checkpoints / "last.pt") == 2 and checkpoint_step(checkpoints / "previous.pt") == 1
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["last.pt", "previous.pt"]  # no temporary file
+    assert not (run_dir / "metrics.json").exists()

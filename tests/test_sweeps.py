@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_module
 
 ROOT = Path(__file__).parents[1]
 SEARCHED = ("optim.lr", "model.lif.alpha", "model.lif.v_th", "encoder.input_scale")
@@ -71,8 +70,7 @@ def test_optuna_preset_searches_and_reports_the_best_test_accuracy(tmp_path: Pat
 def test_slurm_preset_takes_partition_gpus_and_time_limit_as_overrides() -> None:
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     overrides = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4", "hydra.launcher.timeout_min=30"]
-    with initialize_config_module(config_module="snn_train.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    cfg = compose("config", overrides, return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min, launcher.nodes) == ("gpu", 4, 30, 1)

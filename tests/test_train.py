@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -18,7 +17,9 @@ from torch.nn import functional as F
 
 from snn_train import ConvSNN, LIFParameters, LIParameters, load_config
 from snn_train.cli import run
-from snn_train.train import build_optimizer, build_scheduler, decode, fit, learning_rate_factor, objective
+from snn_train.config import compose
+from snn_train.task import build_optimizer, build_scheduler, decode, learning_rate_factor, objective
+from snn_train.train import fit
 
 
 def train_losses(run_dir: Path) -> list[float]:
@@ -52,8 +53,7 @@ def test_training_learns_a_simple_task(tmp_path: Path, tiny_overrides: list[str]
 
 
 def test_hydra_main_returns_the_final_test_accuracy(tmp_path: Path, tiny_overrides: list[str]) -> None:
-    with initialize_config_module(config_module="snn_train.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*tiny_overrides, "train.limit_batches=2"], return_hydra_config=True)
+    cfg = compose("config", [*tiny_overrides, "train.limit_batches=2"], return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(tmp_path)
     HydraConfig.instance().set_config(cfg)

@@ -1,0 +1,61 @@
+"""The errors a user can cause and fix, and how they are reported: ``<command>: error: <one line>``, exit code 2.
+
+Inside a Hydra app, ``reported`` turns ours into that line; app.run_app does the same for Hydra's.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Iterator, NoReturn
+
+
+class UserError(Exception):
+    """An error the user can fix; its message is one line saying what is wrong and what to change."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that composes but cannot work; the message says what to change."""
+
+
+class DataError(UserError, RuntimeError):
+    """A dataset that is missing or corrupt; the message names the file and the fix."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint or run-folder file that cannot be written or read; the message names the path and the reason."""
+
+
+class TrainingError(UserError, RuntimeError):
+    """The run cannot go on (a NaN or infinite loss); the message gives the step and the checkpoint left intact."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the loop wrote a checkpoint at the next step boundary and stopped."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def fail(command: str, message: str) -> NoReturn:
+    """Exit 2 with one line on stderr: the convention for errors a user can cause and fix."""
+    print(f"{command}: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def write_error(path: object, error: OSError) -> CheckpointError:
+    """A failed write (disk full, permissions, any OSError) of ``path`` as a one-line CheckpointError."""
+    return CheckpointError(f"cannot write {path} ({error.strerror or error})")
+
+
+@contextmanager
+def reported(command: str) -> Iterator[None]:
+    """Inside a Hydra app: our errors as ``fail``'s one line; an interrupted run exits 128 + the signal's number."""
+    try:
+        yield
+    except UserError as error:
+        fail(command, str(error))
+    except Interrupted as stop:
+        print(f"{command}: {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)

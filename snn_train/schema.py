@@ -1,0 +1,188 @@
+"""The config schema: types only (every value lives in configs/), registered with Hydra by ``register``.
+
+Importing this module changes nothing; the entry points and ``config.compose`` call ``register`` before Hydra
+composes a config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Union
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from snn_train import distributed
+
+
+@dataclass
+class LIFConfig:
+    dt: float = MISSING
+    tau_syn_inv: float = MISSING
+    tau_mem_inv: float = MISSING
+    v_leak: float = MISSING
+    v_th: float = MISSING
+    v_reset: float = MISSING
+    alpha: float = MISSING
+
+
+@dataclass
+class ReadoutConfig:
+    tau_syn_inv: float = MISSING
+    tau_mem_inv: float = MISSING
+    v_leak: float = MISSING
+
+
+@dataclass
+class ModelConfig:
+    surrogate: str = MISSING
+    conv_channels: list[int] = MISSING
+    kernel_sizes: list[int] = MISSING
+    conv_scales: list[float] = MISSING
+    pool_size: int = MISSING
+    fc_features: list[int] = MISSING
+    num_classes: int = MISSING
+    readout_bias: bool = MISSING
+    batch_norm: bool = MISSING
+    dropout: float = MISSING
+    learn_tau_mem: bool = MISSING
+    learn_v_th: bool = MISSING
+    lif: LIFConfig = field(default_factory=LIFConfig)
+    readout: ReadoutConfig = field(default_factory=ReadoutConfig)
+
+
+@dataclass
+class DirectEncoderConfig:
+    name: str = MISSING
+    input_scale: float = MISSING
+
+
+@dataclass
+class LatencyEncoderConfig(DirectEncoderConfig):
+    pass
+
+
+@dataclass
+class PoissonEncoderConfig(DirectEncoderConfig):
+    f_max: float = MISSING
+    dt: float = MISSING
+
+
+@dataclass
+class ConstantCurrentEncoderConfig(DirectEncoderConfig):
+    tau_mem_inv: float = MISSING
+    v_leak: float = MISSING
+    v_th: float = MISSING
+    v_reset: float = MISSING
+    dt: float = MISSING
+
+
+EncoderConfig = Union[DirectEncoderConfig, PoissonEncoderConfig, ConstantCurrentEncoderConfig]  # LatencyEncoderConfig is Direct's
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    root: str = MISSING
+    download: bool = MISSING
+
+
+@dataclass
+class OptimConfig:
+    name: str = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    momentum: float = MISSING
+
+
+@dataclass
+class LossConfig:
+    per_step: bool = MISSING
+    label_smoothing: float = MISSING
+
+
+@dataclass
+class AugmentConfig:
+    shift: float = MISSING
+    rotate: float = MISSING
+    scale: float = MISSING
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    seed: int = MISSING
+    device: str = MISSING
+    grad_clip: float | None = MISSING
+    limit_batches: int | None = MISSING
+    precision: str = MISSING
+    compile: bool = MISSING
+    checkpoint_every_n_steps: int = MISSING
+    on_nan: str = MISSING
+    resume: str | None = MISSING
+
+
+@dataclass
+class LogConfig:
+    every_n_steps: int = MISSING
+    histogram_every_n_steps: int = MISSING
+    progress_bar: bool = MISSING
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    encoder: Any = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seq_length: int = MISSING
+    decoder: str = MISSING
+    scheduler: str = MISSING
+    warmup_epochs: float = MISSING
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = MISSING
+    data: DataConfig | None = MISSING
+    device: str = MISSING
+    batch_size: int = MISSING
+    limit_batches: int | None = MISSING
+    tensorboard: bool = MISSING
+    raster_samples: int = MISSING
+
+
+def hydra_run_dir(resume: str | None, new_dir: str) -> str:
+    """``hydra.run.dir``: a resumed run continues in its own folder (``<run>/checkpoints/<file>`` or ``<run>``)."""
+    path = Path(resume) if resume is not None else None
+    if path is not None and path.is_file() and path.parent.name == "checkpoints":
+        path = path.parent.parent
+    return str(path) if path is not None and path.is_dir() else new_dir
+
+
+def run_started(pattern: str) -> str:
+    """``${snn_train_now:pattern}`` in ``hydra.run.dir``: Hydra's ``now``, but rank 0's clock, so all ranks share one
+    run folder."""
+    return distributed.from_rank_0(datetime.now()).strftime(pattern)
+
+
+def register() -> None:
+    """Put the schemas where configs/config.yaml, configs/eval.yaml and configs/encoder/*.yaml find them, and the
+    resolvers configs/config.yaml uses; calling it again changes nothing."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(group="schema/encoder", name="direct", node=DirectEncoderConfig)
+    cs.store(group="schema/encoder", name="latency", node=LatencyEncoderConfig)
+    cs.store(group="schema/encoder", name="poisson", node=PoissonEncoderConfig)
+    cs.store(group="schema/encoder", name="constant_current", node=ConstantCurrentEncoderConfig)
+    OmegaConf.register_new_resolver("snn_train_run_dir", hydra_run_dir, replace=True)
+    OmegaConf.register_new_resolver("snn_train_now", run_started, use_cache=True, replace=True)
