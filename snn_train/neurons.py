@@ -7,18 +7,17 @@ steps and are the oracles every fast kernel (eager, compiled, Triton) is tested 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 
-from snn_train.surrogates import SURROGATES, spike
+from snn_train.lif_backward import lif_backward
+from snn_train.surrogates import spike
 
 
 @dataclass(frozen=True)
 class LIParameters:
-    """Leaky integrator (the non-spiking readout) with a current synapse; rates in 1/s, times in s, voltages unitless."""
+    """Leaky integrator (the non-spiking readout) with a current synapse; rates in 1/s, times in s."""
 
     tau_syn_inv: float  # 1/τs, inverse synaptic time constant
     tau_mem_inv: float  # 1/τm, inverse membrane time constant
@@ -150,74 +149,6 @@ def _run_lif(
     return _unflatten_steps(spikes.to(currents.dtype), currents.shape, order), v_pre, voltages, order
 
 
-@functools.cache
-def _compiled(step: Callable[..., tuple[torch.Tensor, ...]]) -> Callable[..., tuple[torch.Tensor, ...]]:
-    """A step function as one generated loop (C++ on CPU, Triton on GPU); compiled on first use, cached on disk."""
-    return torch.compile(step, dynamic=True)
-
-
-def _backward_step(
-    surrogate: str, grad_spike: torch.Tensor, grad_v: torch.Tensor, grad_i: torch.Tensor, v_pre: torch.Tensor,
-    dt_tau_mem_inv: torch.Tensor, dt_tau_syn_inv: torch.Tensor, v_th: torch.Tensor, v_reset: torch.Tensor,
-    alpha: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One LIF step backward: the gradients of this step's input current (= of i_in) and of the voltage before it."""
-    x = v_pre - v_th
-    # v_post = (1 - z)·v_pre + z·v_reset, where z = Θ(v_pre - v_th) carries the surrogate gradient
-    grad_z = grad_spike + grad_v * (v_reset - v_pre)
-    grad_v_pre = grad_v * (x <= 0) + grad_z * SURROGATES[surrogate](x, alpha)
-    # i_post = (1 - dt·τs⁻¹)·i_in and v_pre = v + dt·τm⁻¹·(v_leak - v + i_in), where i_in = i + current
-    grad_i = grad_i * (1 - dt_tau_syn_inv) + dt_tau_mem_inv * grad_v_pre
-    return grad_i, grad_v_pre * (1 - dt_tau_mem_inv)
-
-
-def _learned_backward_step(
-    surrogate: str, grad_spike: torch.Tensor, grad_v: torch.Tensor, grad_i: torch.Tensor, v_pre: torch.Tensor,
-    v_before: torch.Tensor, dt_tau_mem_inv: torch.Tensor, dt_tau_syn_inv: torch.Tensor, v_th: torch.Tensor,
-    v_reset: torch.Tensor, alpha: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """_backward_step, plus this step's share of the gradients of dt·τm⁻¹ and of v_th.
-
-    v_pre = v_before + dt·τm⁻¹·(v_leak - v_before + i_in), so d v_pre / d(dt·τm⁻¹) = (v_pre - v_before) / (dt·τm⁻¹).
-    """
-    x = v_pre - v_th
-    grad_z = grad_spike + grad_v * (v_reset - v_pre)
-    grad_x = grad_z * SURROGATES[surrogate](x, alpha)
-    grad_v_pre = grad_v * (x <= 0) + grad_x
-    grad_dt_tau_mem_inv = (grad_v_pre * (v_pre - v_before)).sum() / dt_tau_mem_inv
-    grad_i = grad_i * (1 - dt_tau_syn_inv) + dt_tau_mem_inv * grad_v_pre
-    return grad_i, grad_v_pre * (1 - dt_tau_mem_inv), grad_dt_tau_mem_inv, -grad_x.sum()
-
-
-def _lif_backward(
-    grad_spikes: list[torch.Tensor], v_pre: list[torch.Tensor], p: LIFParameters, compiled: bool, learned: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Gradient of the currents [T, N] from that of the spikes, backward through time; with ``learned``, also
-    those of tau_mem_inv and v_th (0-dim), else None."""
-    # 0-dim tensors, not Python floats: a compiled step then takes new values without recompiling
-    scalars = (p.dt * p.tau_mem_inv, p.dt * p.tau_syn_inv, p.v_th, p.v_reset, p.alpha)
-    constants = [v_pre[0].new_tensor(value) for value in scalars]
-    grad_currents = v_pre[0].new_empty(len(v_pre), len(v_pre[0]))
-    grad_v = torch.zeros_like(v_pre[0])
-    grad_i = torch.zeros_like(v_pre[0])
-    if not learned:
-        step = _compiled(_backward_step) if compiled else _backward_step
-        for t in reversed(range(len(v_pre))):
-            grad_i, grad_v = step(p.surrogate, grad_spikes[t], grad_v, grad_i, v_pre[t], *constants)
-            grad_currents[t] = grad_i
-        return grad_currents, None, None
-    learned_step = _compiled(_learned_backward_step) if compiled else _learned_backward_step
-    grad_dt_tau_mem_inv, grad_v_th = torch.zeros_like(constants[0]), torch.zeros_like(constants[0])
-    for t in reversed(range(len(v_pre))):
-        before = v_pre[t - 1]
-        v_before = torch.where(before > p.v_th, p.v_reset, before) if t else torch.full_like(v_pre[0], p.v_leak)
-        grad_i, grad_v, *grads = learned_step(p.surrogate, grad_spikes[t], grad_v, grad_i, v_pre[t], v_before, *constants)
-        grad_currents[t] = grad_i
-        grad_dt_tau_mem_inv += grads[0]
-        grad_v_th += grads[1]
-    return grad_currents, grad_dt_tau_mem_inv * p.dt, grad_v_th
-
-
 class _FusedLIFSequence(torch.autograd.Function):
     """All T LIF steps as one autograd node with a hand-written backward pass through time.
 
@@ -242,7 +173,7 @@ class _FusedLIFSequence(torch.autograd.Function):
     def backward(ctx, grad_spikes: torch.Tensor, _: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         v_pre = ctx.saved_tensors
         grad_steps = _flatten_steps(grad_spikes.to(v_pre[0].dtype), ctx.order)
-        grad_currents, grad_tau_mem_inv, grad_v_th = _lif_backward(grad_steps, v_pre, ctx.p, ctx.compiled, ctx.learned)
+        grad_currents, grad_tau_mem_inv, grad_v_th = lif_backward(grad_steps, v_pre, ctx.p, ctx.compiled, ctx.learned)
         grad_currents = _unflatten_steps(grad_currents.to(ctx.dtype), ctx.shape, ctx.order)
         # a learned value that was not given (None) must get None back, not a gradient
         grads = (grad_tau_mem_inv, grad_v_th)

@@ -9,29 +9,25 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from snn_train import distributed
-from snn_train.allocator import keep_freed_memory
-from snn_train.checkpoint import LAST, check_writable, load_for_resume, restore, save_checkpoint
-from snn_train.data import Split, batch_indices, load_split
-from snn_train.distributed import resolve_device
-from snn_train.encoders import build_encoder
-from snn_train.errors import ConfigError, Interrupted, TrainingError
+from snn_train.checkpoint import LAST, save_checkpoint
+from snn_train.data import batch_indices
+from snn_train.errors import Interrupted, TrainingError
 from snn_train.evaluation import evaluate, sample_forward
-from snn_train.model import ConvSNN, LayerTrace
+from snn_train.model import LayerTrace
 from snn_train.progress import EpochMetrics, Progress, write_metrics
 from snn_train.schema import Config
-from snn_train.task import (
-    autocast, build_model, build_optimizer, build_scheduler, decode, encoded_shard, objective, seed_everything,
-)
+from snn_train.start import Run, start_run
+from snn_train.task import autocast, decode, encoded_shard, objective
 from snn_train.tensorboard import RunLogger
 
 log = logging.getLogger(__name__)
@@ -49,66 +45,13 @@ def stop_requests() -> Iterator[list[int]]:
             signal.signal(signum, handler)
 
 
-@dataclass
-class Run:
-    """One run's objects, shared by the loop's functions; ``progress`` is what changes."""
-
-    cfg: Config
-    run_dir: Path
-    train_set: Split
-    test_set: Split
-    model: ConvSNN
-    trained: nn.Module  # what the training steps call: the model, or its DistributedDataParallel wrapper
-    encoder: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None
-    data_order: torch.Generator
-    logger: RunLogger | None  # rank 0's alone: it writes the event files, checkpoints and metrics.json; None elsewhere
-    progress: Progress
-    started: float  # time.perf_counter() at the run's start, earlier sessions included
-
-
-def start_run(cfg: Config, run_dir: Path) -> Run:
-    """Check the run folder, load data, build everything; continue ``train.resume``'s checkpoint if given."""
-    check_writable(run_dir, run_dir / "checkpoints")
-    resumed = load_for_resume(cfg) if cfg.train.resume is not None else None
-    device = distributed.local_device(resolve_device(cfg.train.device))
-    keep_freed_memory()
-    train_set = load_split(cfg.data, train=True).to(device)
-    test_set = load_split(cfg.data, train=False).to(device)
-    seed_everything(cfg.train.seed)
-    data_order = torch.Generator().manual_seed(cfg.train.seed)
-
-    model = build_model(cfg, (1, *train_set.images.shape[1:]), device)
-    encoder = build_encoder(cfg.encoder, cfg.seq_length).to(device)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.train.batch_size)
-    if cfg.train.limit_batches is not None:
-        steps_per_epoch = min(steps_per_epoch, cfg.train.limit_batches)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
-    progress = Progress()
-    if resumed is not None:
-        path, state = resumed
-        progress = Progress.from_checkpoint(state["loop"])
-        if progress.epoch > cfg.train.epochs:
-            raise ConfigError(f"train.epochs={cfg.train.epochs} but {path} has already begun epoch {progress.epoch}")
-        restore(state, model, optimizer, scheduler, data_order)  # the schedule follows train.epochs, which may have changed
-        log.info("resuming %s: epoch %d, batch %d, step %d", path, progress.epoch, progress.batch, progress.step)
-    logger = RunLogger(run_dir, purge_step=progress.step + 1 if resumed is not None else None) if distributed.is_main() else None
-    log.info(
-        "run dir %s, device %s, %d train / %d test samples, %d process(es)\n%s\n%s",
-        run_dir, device, len(train_set), len(test_set), distributed.world_size(), encoder, model,
-    )
-    started = time.perf_counter() - progress.wall_s
-    trained = distributed.data_parallel(model)
-    return Run(cfg, run_dir, train_set, test_set, model, trained, encoder, optimizer, scheduler, data_order, logger, progress, started)
-
-
 def save(run: Run, data_order: torch.Tensor) -> None:
-    """Checkpoint the run (rank 0 writes it), unless its weights are no longer finite: then the last good checkpoint stays."""
+    """Checkpoint the run (rank 0 writes it), unless its weights are no longer finite: then the last good
+    checkpoint stays."""
     folder = run.run_dir / "checkpoints"
     if not all(torch.isfinite(p).all() for p in run.model.parameters()):
-        raise TrainingError(f"the weights are no longer finite at step {run.progress.step}; stopped, keeping the checkpoints in {folder}")
+        raise TrainingError(f"the weights are no longer finite at step {run.progress.step}; "
+            f"stopped, keeping the checkpoints in {folder}")
     run.progress.wall_s = time.perf_counter() - run.started
     if run.logger is not None:
         run.logger.flush()  # the event files hold every step up to the checkpoint; a resume purges later ones
@@ -150,7 +93,8 @@ def train_step(run: Run, index: torch.Tensor, epoch: int) -> torch.Tensor | None
             run.scheduler.step()
     elif cfg.train.on_nan == "stop":
         raise TrainingError(
-            f"loss is {loss.item()} at step {step} (epoch {epoch}, batch {run.progress.batch}); stopped, keeping the checkpoints "
+            f"loss is {loss.item()} at step {step} (epoch {epoch}, batch {run.progress.batch}); "
+            "stopped, keeping the checkpoints "
             f"in {run.run_dir / 'checkpoints'}; try a lower optim.lr, train.grad_clip, or train.on_nan=skip"
         )
     if trace is not None:
@@ -165,7 +109,8 @@ def train_step(run: Run, index: torch.Tensor, epoch: int) -> torch.Tensor | None
 
 
 def train_epoch(run: Run, epoch: int, stop: list[int]) -> None:
-    """The epoch's remaining batches, checkpointing every train.checkpoint_every_n_steps, and on a stop request before stopping."""
+    """The epoch's remaining batches, checkpointing every train.checkpoint_every_n_steps, and on a stop request
+    before stopping."""
     cfg, progress = run.cfg, run.progress
     if progress.epoch != epoch:
         progress.epoch, progress.batch = epoch, 0
@@ -199,7 +144,8 @@ def train_epoch(run: Run, epoch: int, stop: list[int]) -> None:
 
 
 def log_progress(run: Run, logger: RunLogger, loss_sum: torch.Tensor, correct: torch.Tensor, epoch_start: float, bar: tqdm) -> None:
-    """The running train loss and accuracy every log.every_n_steps (bar and TensorBoard), parameters every log.histogram_every_n_steps."""
+    """The running train loss and accuracy every log.every_n_steps (bar and TensorBoard), parameters every
+    log.histogram_every_n_steps."""
     cfg, progress = run.cfg, run.progress
     if progress.step % cfg.log.every_n_steps == 0 and progress.seen:
         train_loss, train_accuracy = loss_sum.item() / progress.seen, correct.item() / progress.seen
@@ -211,7 +157,8 @@ def log_progress(run: Run, logger: RunLogger, loss_sum: torch.Tensor, correct: t
 
 
 def stop_signal(stop: list[int]) -> int:
-    """The signal (SIGINT, SIGTERM) that stops the run after this step, or 0; every rank agrees, so all stop at one step."""
+    """The signal (SIGINT, SIGTERM) that stops the run after this step, or 0; every rank agrees, so all stop at
+    one step."""
     return distributed.max_over_ranks(stop[0] if stop else 0)
 
 
@@ -273,7 +220,8 @@ def train_scalars(run: Run, loss: float, accuracy: float) -> dict[str, float]:
 
 
 def fit(cfg: Config, run_dir: Path) -> list[EpochMetrics]:
-    """Train ``cfg``'s network (or continue ``train.resume``'s run), evaluating after every epoch; returns per-epoch metrics.
+    """Train ``cfg``'s network (or continue ``train.resume``'s run), evaluating after every epoch; returns
+    per-epoch metrics.
 
     Raises TrainingError on a non-finite loss (train.on_nan=stop) and Interrupted after SIGINT/SIGTERM.
     """

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from snn_train import distributed, load_config
-from snn_train.train import complete, start_run
+from snn_train.start import start_run
+from snn_train.train import complete
 
 out = Path(sys.argv[1])
 with distributed.process_group():
