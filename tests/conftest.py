@@ -9,7 +9,6 @@ import pytest
 import torch
 
 
-
 def write_idx(path: Path, data: torch.Tensor) -> None:
     """Write a uint8 tensor as an IDX file (magic 0x0000 08 ndim, big-endian dims, raw bytes)."""
     path.parent.mkdir(parents=True, exist_ok=True)

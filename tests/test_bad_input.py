@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.errors import HydraException
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hydra.errors import HydraException
 
 from snn_train import load_config
 from snn_train.app import hydra_message, raised_in_hydra
@@ -70,6 +70,7 @@ def test_random_overrides_build_or_fail_with_one_clean_line(overrides: list[str]
         assert raised_in_hydra(error), error
 
 
+@pytest.mark.slow
 @settings(max_examples=3, deadline=None)
 @given(override_lists)
 def test_random_overrides_on_the_command_line_end_in_one_line_and_no_traceback(overrides: list[str]) -> None:

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_mnist, write_idx
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from snn_train.checkpoint import load_checkpoint
+
+from conftest import make_mnist, write_idx
+
+pytestmark = pytest.mark.slow  # each test starts snn-train (or a script) as a process
 
 LIF_LAYERS = ("conv1", "conv2", "fc1")
 ROOT = Path(__file__).parents[1]
@@ -74,7 +77,7 @@ def test_hparams_entry_carries_final_test_metrics(tmp_path: Path, tiny_overrides
     found = {}
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    for tag, content in events.PluginTagToContent("hparams").items():
+    for content in events.PluginTagToContent("hparams").values():
         data = plugin_data_pb2.HParamsPluginData.FromString(content)
         if data.HasField("session_start_info"):
             found = dict(data.session_start_info.hparams)

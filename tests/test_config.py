@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_mnist
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
@@ -17,6 +16,8 @@ from snn_train.data import load_split
 from snn_train.encoders import build_encoder
 from snn_train.errors import ConfigError
 from snn_train.task import build_optimizer, decode
+
+from conftest import make_mnist
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from snn_train.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow  # each test starts snn-train (or a script) as a process
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 RANKS = Path(__file__).with_name("ddp_ranks.py")

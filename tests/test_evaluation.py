@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_mnist, write_idx
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from snn_train import ConvSNN, LIFParameters, LIParameters, load_config
@@ -21,6 +20,8 @@ from snn_train.evaluation import confusion_matrix, per_class_accuracy
 from snn_train.model import LayerTrace, conv_fan_out
 from snn_train.report import evaluate_checkpoint
 from snn_train.train import fit
+
+from conftest import make_mnist, write_idx
 
 LIF = LIFParameters(tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, v_th=1.0, v_reset=0.0, dt=1e-3, surrogate="super", alpha=10.0)
 LI = LIParameters(tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, dt=1e-3)
@@ -108,6 +109,7 @@ def test_the_training_runs_spike_count_equals_snn_evals(run_dir: Path) -> None:
     assert final["test_spikes_per_sample"] == pytest.approx(report["spikes_per_sample"], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_snn_eval_prints_the_report_and_writes_tensorboard_images(run_dir: Path, tmp_path: Path) -> None:
     result = subprocess.run(
         ["snn-eval", f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", "tensorboard=true", "raster_samples=2", "device=cpu"],
@@ -159,7 +161,10 @@ def test_a_checkpoint_from_an_older_version_names_the_keys_it_lacks(run_dir: Pat
     with pytest.raises(SystemExit) as raised:
         run_eval(eval_config([f"checkpoint={file}"]))
     error = capsys.readouterr().err
-    assert raised.value.code == 2 and error == f"snn-eval: error: {file}: its config lacks model.batch_norm (written by an older snn-train, which can evaluate it)\n"
+    assert raised.value.code == 2 and error == (
+        f"snn-eval: error: {file}: its config lacks model.batch_norm "
+        "(written by an older snn-train, which can evaluate it)\n"
+    )
 
 
 def test_errors_a_user_can_cause_exit_2_with_one_line(run_dir: Path, tmp_path: Path, capsys) -> None:

@@ -1,4 +1,5 @@
-"""Faults met in-process: non-finite losses, interrupts, damaged checkpoints, a changed config on resume, an unwritable run folder."""
+"""Faults met in-process: non-finite losses, interrupts, damaged checkpoints, a changed config on resume, an
+unwritable run folder."""
 
 from __future__ import annotations
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from snn_train.surrogates import SURROGATES
 from snn_train.neurons import (
     LIFParameters,
     LIParameters,
@@ -15,6 +14,7 @@ from snn_train.neurons import (
     lif_sequence,
     lif_sequence_reference,
 )
+from snn_train.surrogates import SURROGATES
 
 PARAMETERS = [
     dict(tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, v_th=1.0, v_reset=0.0, dt=1e-3),
@@ -28,7 +28,10 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+COMPILED = [False, pytest.param(True, marks=pytest.mark.slow)]  # torch.compile takes seconds per variant
+
+
+@pytest.mark.parametrize("compiled", COMPILED, ids=["eager", "compiled"])
 @pytest.mark.parametrize("surrogate", sorted(SURROGATES))
 @pytest.mark.parametrize("values", PARAMETERS)
 @pytest.mark.parametrize("seq_length, shape", [(1, SHAPES[0]), (8, SHAPES[1]), (37, SHAPES[2])])
@@ -158,7 +161,7 @@ def fused_and_reference_with_learned_values(
     )
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", COMPILED, ids=["eager", "compiled"])
 @pytest.mark.parametrize("surrogate", ["super", "triangle", "atan"])
 def test_learned_time_constant_and_threshold_get_the_step_loop_gradients(surrogate: str, compiled: bool) -> None:
     p = LIFParameters(**PARAMETERS[1], surrogate=surrogate, alpha=5.0)

@@ -7,6 +7,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each test starts snn-train (or a script) as a process
+
 ROOT = Path(__file__).parents[1]
 
 

@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from snn_train.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow  # each test starts snn-train (or a script) as a process
 
 KILL_CHILD = Path(__file__).with_name("kill_child.py")
 # 3 epochs of 6 batches, a checkpoint every 4 steps and at each epoch end (steps 4, 6, 8, 12, 16, 18);

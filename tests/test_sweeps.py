@@ -1,4 +1,5 @@
-"""Sweeps through Hydra's plugins (the sweep and slurm extras): joblib in parallel, the Optuna preset, the SLURM preset."""
+"""Sweeps through Hydra's plugins (the sweep and slurm extras): joblib in parallel, the Optuna preset, the SLURM
+preset."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from snn_train.config import compose
+
+pytestmark = pytest.mark.slow  # each test starts snn-train (or a script) as a process
 
 ROOT = Path(__file__).parents[1]
 SEARCHED = ("optim.lr", "model.lif.alpha", "model.lif.v_th", "encoder.input_scale")

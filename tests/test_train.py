@@ -97,6 +97,7 @@ def test_bf16_training_learns_as_fp32_does(tmp_path: Path, tiny_overrides: list[
     assert bf16[-1].train_loss != fp32[-1].train_loss
 
 
+@pytest.mark.slow
 def test_compiled_kernels_train_as_the_eager_ones(tmp_path: Path, tiny_overrides: list[str]) -> None:
     overrides = [*tiny_overrides, *LEARNING, "train.limit_batches=4"]
     fit(load_config(overrides), tmp_path / "eager")
@@ -134,7 +135,8 @@ def test_label_smoothing_mixes_in_the_mean_cross_entropy_over_all_classes(per_st
 
 
 def scheduled_rates(scheduler_cfg: list[str], steps_per_epoch: int, lr: float = 0.1) -> list[float]:
-    """The learning rate of every optimizer step of a run, then the one after its last step, as build_scheduler sets it."""
+    """The learning rate of every optimizer step of a run, then the one after its last step, as build_scheduler
+    sets it."""
     cfg = load_config([*scheduler_cfg, f"optim.lr={lr}"])
     optimizer = build_optimizer(nn.Linear(2, 2), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
