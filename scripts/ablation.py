@@ -1,4 +1,5 @@
-"""Run an ablation grid with snn-train and write a Markdown table: test accuracy, T, epochs, wall time, spikes per sample.
+"""Run an ablation grid with snn-train and write a Markdown table: test accuracy, T, epochs, wall time, spikes per
+sample.
 
 Each variant is a set of overrides applied on top of ``--base``; the base itself is the first row. Every variant runs
 once per seed, one after another (so wall times are comparable), each as its own ``snn-train`` process.

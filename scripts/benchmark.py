@@ -17,8 +17,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable
 from unittest import mock
 
 import torch
@@ -115,7 +115,9 @@ def build(variant: str, args: argparse.Namespace) -> tuple[nn.Module, Callable[[
     if variant == "reference_loop":
         from snn_train import neurons
 
-        reference = lambda currents, p, record_voltage, compiled: neurons.lif_sequence_reference(currents, p, record_voltage)
+        def reference(currents, p, record_voltage, compiled):  # lif_sequence's signature, the step loop's work
+            return neurons.lif_sequence_reference(currents, p, record_voltage)
+
         mock.patch("snn_train.model.lif_sequence", reference).start()
         mock.patch("snn_train.model.li_sequence", neurons.li_sequence_reference).start()
         return (*snn_train_step(args), False)
@@ -237,7 +239,8 @@ def main() -> None:
     }
     limit, norse = results["ann_limit_fp32"]["train_step_ms"], results["norse"] and results["norse"]["train_step_ms"]
     print(f"T={args.seq_length} B={args.batch_size} threads={args.threads} device={args.device}")
-    print(f"{'variant':<22}{'ms/step':>9}{'samples/s':>11}{'peak MB':>9}{'faults/step':>13}{'× ANN fp32':>12}{'× Norse speed':>15}")
+    print(f"{'variant':<22}{'ms/step':>9}{'samples/s':>11}{'peak MB':>9}{'faults/step':>13}"
+          f"{'× ANN fp32':>12}{'× Norse speed':>15}")
     for variant, r in results.items():
         if r is None:
             print(f"{variant:<22}{'(Norse not installed)':>30}")
@@ -248,8 +251,10 @@ def main() -> None:
             f"{r['page_faults_per_step']:>13.0f}{r['train_step_ms'] / limit:>12.2f}{speedup:>15}"
         )
     data_ms = report["data_and_encoding_ms"]
-    print(f"data + encoding: {data_ms:.2f} ms per batch = {100 * data_ms / results['snn_train_fp32']['train_step_ms']:.1f} % of the fp32 step")
-    print(f"first snn_train_fp32 step (includes compiling the LIF backward, or loading it from the cache): {report['first_step_s']['snn_train_fp32']:.1f} s")
+    print(f"data + encoding: {data_ms:.2f} ms per batch = "
+          f"{100 * data_ms / results['snn_train_fp32']['train_step_ms']:.1f} % of the fp32 step")
+    print(f"first snn_train_fp32 step (includes compiling the LIF backward, or loading it from the cache): "
+          f"{report['first_step_s']['snn_train_fp32']:.1f} s")
     print(f"inference (no_grad, eval): {report['inference_samples_per_s']:.0f} samples/s")
     for T, r in report["memory_by_seq_length"].items():
         print(f"T={T:>3}: {r['train_step_ms']:8.1f} ms/step, peak {r['peak_memory_mb']:7.0f} MB")

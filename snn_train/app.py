@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 

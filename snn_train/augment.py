@@ -23,7 +23,8 @@ def affine(images: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor, shift:
 
 
 def random_affine(images: torch.Tensor, augment_cfg: Any) -> torch.Tensor:
-    """``affine`` with each image's shift, angle and zoom drawn uniformly within ±``augment.*``; unchanged if all are 0."""
+    """``affine`` with each image's shift, angle and zoom drawn uniformly within ±``augment.*``; unchanged if all
+    are 0."""
     if not (augment_cfg.shift or augment_cfg.rotate or augment_cfg.scale):
         return images
     draws = torch.rand(4, len(images), device=images.device) * 2 - 1

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torchvision import datasets
@@ -33,7 +33,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def to(self, device: torch.device) -> "Split":
+    def to(self, device: torch.device) -> Split:
         return Split(self.images.to(device), self.labels.to(device))
 
 
@@ -47,13 +47,15 @@ def check_idx_file(path: Path, ndim: int) -> int:
         raise DataError(f"{path}: truncated IDX file ({size} bytes, shorter than its header); delete it and download again")
     if head[0] != 0 or head[1] != 0 or head[2] != IDX_UBYTE or head[3] != ndim:
         raise DataError(
-            f"{path}: not a {ndim}-dimensional uint8 IDX file (magic number {head[:4].hex()}, expected 000008{ndim:02x}); "
+            f"{path}: not a {ndim}-dimensional uint8 IDX file "
+            f"(magic number {head[:4].hex()}, expected 000008{ndim:02x}); "
             "replace it with the original file"
         )
     dims = [int.from_bytes(head[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim)]
     expected = header + math.prod(dims)
     if size != expected:
-        raise DataError(f"{path}: IDX header says {dims} ({expected} bytes) but the file has {size} bytes; it is truncated or corrupt")
+        raise DataError(f"{path}: IDX header says {dims} ({expected} bytes) but the file has {size} bytes; "
+            "it is truncated or corrupt")
     return dims[0]
 
 

@@ -8,8 +8,9 @@ answers for a world of one, so the training loop reads the same either way.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -52,7 +53,8 @@ def process_group() -> Iterator[None]:
     """Join the process group for the time of the block, when the environment asks for more than one process.
 
     gloo carries CPU tensors, nccl CUDA ones; a CUDA process takes its node's LOCAL_RANK-th GPU (the only one it
-    sees, if SLURM gives each task one). Inside an existing group (the CLI opens one before Hydra starts) it does nothing.
+    sees, if SLURM gives each task one). Inside an existing group (the CLI opens one before Hydra starts) it does
+    nothing.
     """
     export_submitit_environment()
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) == 1:

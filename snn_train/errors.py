@@ -6,8 +6,9 @@ Inside a Hydra app, ``reported`` turns ours into that line; app.run_app does the
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, NoReturn
+from typing import NoReturn
 
 
 class UserError(Exception):

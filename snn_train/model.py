@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,7 +55,8 @@ class LIF(nn.Module):
         return (
             f"tau_syn_inv={p.tau_syn_inv}, tau_mem_inv={p.tau_mem_inv}, v_leak={p.v_leak}, v_th={p.v_th}, "
             f"v_reset={p.v_reset}, dt={p.dt}, surrogate={p.surrogate}, alpha={p.alpha}, "
-            f"learn_tau_mem={self.tau_mem_logit is not None}, learn_v_th={self.v_th is not None}, compiled={self.compiled}"
+            f"learn_tau_mem={self.tau_mem_logit is not None}, learn_v_th={self.v_th is not None}, "
+            f"compiled={self.compiled}"
         )
 
 
@@ -148,10 +150,13 @@ class ConvSNN(nn.Module):
         self.readout = LI(readout)
 
     def extra_repr(self) -> str:
-        return f"input_shape={self.input_shape}, conv_scales={self.conv_scales}, pool_size={self.pool_size}, dropout={self.dropout}"
+        return (
+            f"input_shape={self.input_shape}, conv_scales={self.conv_scales}, pool_size={self.pool_size}, "
+            f"dropout={self.dropout}"
+        )
 
     @classmethod
-    def from_config(cls, model_cfg: Any, input_shape: Sequence[int], compiled: bool = False) -> "ConvSNN":
+    def from_config(cls, model_cfg: Any, input_shape: Sequence[int], compiled: bool = False) -> ConvSNN:
         """Build from the ``model`` config node (see configs/model/)."""
         lif = LIFParameters(surrogate=model_cfg.surrogate, **model_cfg.lif)
         readout = LIParameters(dt=model_cfg.lif.dt, **model_cfg.readout)
@@ -201,7 +206,8 @@ class ConvSNN(nn.Module):
         return operations
 
     def forward(self, x: torch.Tensor, trace: dict[str, LayerTrace] | None = None, record_voltage: bool = True) -> torch.Tensor:
-        """Readout voltages [T, B, classes] for input [T, B, C, H, W]; fills ``trace`` (with voltages if asked) if given."""
+        """Readout voltages [T, B, classes] for input [T, B, C, H, W]; fills ``trace`` (with voltages if asked) if
+        given."""
         T, B = x.shape[:2]
         h = x
         for n, (conv, norm, scale, lif) in enumerate(zip(self.convs, self.norms, self.conv_scales, self.conv_lifs)):

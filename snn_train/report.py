@@ -23,7 +23,8 @@ from snn_train.tensorboard import RunLogger
 
 
 def training_config(file: Path, checkpoint: dict[str, Any]) -> DictConfig:
-    """The config the checkpoint was trained with; one from an older snn-train that lacks a key the network needs is refused."""
+    """The config the checkpoint was trained with; one from an older snn-train that lacks a key the network needs is
+    refused."""
     train_cfg = OmegaConf.merge(OmegaConf.structured(Config), checkpoint["config"])
     missing = sorted(OmegaConf.missing_keys(train_cfg))
     if missing:
@@ -119,7 +120,8 @@ def format_report(report: dict[str, Any]) -> str:
     per_class = "  ".join("  -  " if a is None else f"{a:.3f}" for a in report["per_class_accuracy"])
     lines = [
         f"checkpoint   {report['checkpoint']} (epoch {report['epoch']}, step {report['step']})",
-        f"data         {report['data']['name']} {report['data']['split']} set in {report['data']['root']}, {report['samples']} samples",
+        f"data         {report['data']['name']} {report['data']['split']} set in {report['data']['root']}, "
+        f"{report['samples']} samples",
         f"latency      T = {report['time_steps']} time steps ({report['latency_s'] * 1e3:g} ms of simulated time)",
         f"accuracy     {report['accuracy']:.4f} (loss {report['loss']:.4f})",
         "",
@@ -133,7 +135,8 @@ def format_report(report: dict[str, Any]) -> str:
         "",
         f"  {'layer':<7}{'neurons':>9}{'spike rate':>12}{'spikes/sample':>15}{'synops/sample':>15}",
         *(
-            f"  {name:<7}{layer['neurons']:>9}{layer['spike_rate']:>12.5f}{layer['spikes_per_sample']:>15.1f}{layer['synops_per_sample']:>15.4g}"
+            f"  {name:<7}{layer['neurons']:>9}{layer['spike_rate']:>12.5f}{layer['spikes_per_sample']:>15.1f}"
+            f"{layer['synops_per_sample']:>15.4g}"
             for name, layer in report["layers"].items()
         ),
         f"  {'total':<7}{'':>21}{report['spikes_per_sample']:>15.1f}{report['synops_per_sample']:>15.4g}",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -79,7 +79,8 @@ class ConstantCurrentEncoderConfig(DirectEncoderConfig):
     dt: float = MISSING
 
 
-EncoderConfig = Union[DirectEncoderConfig, PoissonEncoderConfig, ConstantCurrentEncoderConfig]  # LatencyEncoderConfig is Direct's
+# encoder: one of these (LatencyEncoderConfig is DirectEncoderConfig's fields)
+EncoderConfig = DirectEncoderConfig | PoissonEncoderConfig | ConstantCurrentEncoderConfig
 
 
 @dataclass

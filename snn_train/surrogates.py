@@ -8,7 +8,7 @@ Adding a surrogate is one function in ``SURROGATES`` plus one file configs/model
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import numpy
 import torch
@@ -28,7 +29,7 @@ def reported(method: Method) -> Method:
     """
 
     @functools.wraps(method)
-    def wrapper(self: "RunLogger", *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: RunLogger, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
         except OSError as error:
@@ -47,7 +48,8 @@ class RunLogger:
 
     @reported
     def __init__(self, log_dir: Path, purge_step: int | None = None) -> None:
-        """``purge_step``: a resumed run's first step; TensorBoard hides what an earlier session logged from there on."""
+        """``purge_step``: a resumed run's first step; TensorBoard hides what an earlier session logged from
+        there on."""
         self.log_dir = log_dir
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
