@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch.nn import functional as F
+
+from snn_train.schema import AugmentConfig
 
 
 def affine(images: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -22,7 +23,7 @@ def affine(images: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor, shift:
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def random_affine(images: torch.Tensor, augment_cfg: Any) -> torch.Tensor:
+def random_affine(images: torch.Tensor, augment_cfg: AugmentConfig) -> torch.Tensor:
     """``affine`` with each image's shift, angle and zoom drawn uniformly within ±``augment.*``; unchanged if all
     are 0."""
     if not (augment_cfg.shift or augment_cfg.rotate or augment_cfg.scale):

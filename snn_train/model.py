@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from snn_train.neurons import LIFParameters, LIParameters, li_sequence, lif_sequence
+from snn_train.schema import ModelConfig
 
 
 @dataclass
@@ -156,7 +156,7 @@ class ConvSNN(nn.Module):
         )
 
     @classmethod
-    def from_config(cls, model_cfg: Any, input_shape: Sequence[int], compiled: bool = False) -> ConvSNN:
+    def from_config(cls, model_cfg: ModelConfig, input_shape: Sequence[int], compiled: bool = False) -> ConvSNN:
         """Build from the ``model`` config node (see configs/model/)."""
         lif = LIFParameters(surrogate=model_cfg.surrogate, **model_cfg.lif)
         readout = LIParameters(dt=model_cfg.lif.dt, **model_cfg.readout)
