@@ -48,7 +48,8 @@ def variant_row(variant: str, runs: list[dict[str, object]], base_accuracy: floa
     delta = "" if base_accuracy is None else f"{100 * (accuracy - base_accuracy):+.2f}"
     return {
         "variant": f"`{variant}`" if variant else "base",
-        "test accuracy": f"{100 * accuracy:.2f} %" + (f" ({', '.join(f'{100 * a:.2f}' for a in accuracies)})" if len(runs) > 1 else ""),
+        "test accuracy": f"{100 * accuracy:.2f} %"
+        + (f" ({', '.join(f'{100 * a:.2f}' for a in accuracies)})" if len(runs) > 1 else ""),
         "Δ vs base": delta,
         "T": str(runs[0]["seq_length"]),
         "epochs": str(runs[0]["epochs"]),
@@ -68,7 +69,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variants", nargs="*", help="overrides on top of the base, one quoted string per variant")
     parser.add_argument("--base", default="", help="overrides every run shares, one quoted string")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed values; each variant runs once per seed")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="train.seed values; each variant runs once per seed"
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder for the runs, their logs and ablation.md")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,15 @@ from torch.nn import functional as F
 
 from snn_train.allocator import keep_freed_memory
 
-VARIANTS = ("snn_train_fp32", "snn_train_bf16", "reference_loop", "ann_limit_fp32", "ann_limit_bf16", "norse", "norse_tuned_allocator")
+VARIANTS = (
+    "snn_train_fp32",
+    "snn_train_bf16",
+    "reference_loop",
+    "ann_limit_fp32",
+    "ann_limit_bf16",
+    "norse",
+    "norse_tuned_allocator",
+)
 
 
 def snn_train_step(args: argparse.Namespace) -> tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
@@ -106,7 +114,9 @@ def norse_step(args: argparse.Namespace) -> tuple[nn.Module, Callable[[torch.Ten
     return model, loss
 
 
-def build(variant: str, args: argparse.Namespace) -> tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor], bool]:
+def build(
+    variant: str, args: argparse.Namespace
+) -> tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor], bool]:
     """(model, loss function, bf16 autocast?) for a variant."""
     if variant != "norse":
         keep_freed_memory()
@@ -161,7 +171,9 @@ def time_variant(variant: str, args: argparse.Namespace) -> dict[str, float]:
     times = [step() for _ in range(args.steps)]
     result = {"train_step_ms": 1000 * statistics.median(times), "first_step_s": warmup[0]}
     result["samples_per_s"] = args.batch_size / (result["train_step_ms"] / 1000)
-    result["page_faults_per_step"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults[args.warmup]) / args.steps
+    result["page_faults_per_step"] = (
+        resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults[args.warmup]
+    ) / args.steps
     if variant == "snn_train_fp32":
         result["data_and_encoding_ms"] = data_and_encoding_ms(args, device)
         model.eval()
@@ -197,8 +209,22 @@ def data_and_encoding_ms(args: argparse.Namespace, device: torch.device) -> floa
 
 def run_in_subprocess(variant: str, args: argparse.Namespace, seq_length: int) -> dict[str, float] | None:
     command = [
-        sys.executable, __file__, "--variant", variant, "--seq-length", str(seq_length), "--batch-size", str(args.batch_size),
-        "--threads", str(args.threads), "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
+        sys.executable,
+        __file__,
+        "--variant",
+        variant,
+        "--seq-length",
+        str(seq_length),
+        "--batch-size",
+        str(args.batch_size),
+        "--threads",
+        str(args.threads),
+        "--device",
+        args.device,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
     ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -227,7 +253,12 @@ def main() -> None:
     results = {variant: run_in_subprocess(variant, args, args.seq_length) for variant in VARIANTS}
     growth = {str(T): run_in_subprocess("snn_train_fp32", args, T) for T in (8, 16, 32, 64)}
     report = {
-        "config": {"seq_length": args.seq_length, "batch_size": args.batch_size, "threads": args.threads, "device": args.device},
+        "config": {
+            "seq_length": args.seq_length,
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+            "device": args.device,
+        },
         "train_step_ms": {k: v and round(v["train_step_ms"], 1) for k, v in results.items()},
         "samples_per_s": {k: v and round(v["samples_per_s"], 1) for k, v in results.items()},
         "peak_memory_mb": {k: v and round(v["peak_memory_mb"], 1) for k, v in results.items()},
@@ -235,12 +266,17 @@ def main() -> None:
         "inference_samples_per_s": round(results["snn_train_fp32"]["inference_samples_per_s"], 1),
         "data_and_encoding_ms": round(results["snn_train_fp32"]["data_and_encoding_ms"], 2),
         "first_step_s": {k: v and round(v["first_step_s"], 1) for k, v in results.items()},
-        "memory_by_seq_length": {T: {"train_step_ms": round(r["train_step_ms"], 1), "peak_memory_mb": round(r["peak_memory_mb"], 1)} for T, r in growth.items()},
+        "memory_by_seq_length": {
+            T: {"train_step_ms": round(r["train_step_ms"], 1), "peak_memory_mb": round(r["peak_memory_mb"], 1)}
+            for T, r in growth.items()
+        },
     }
     limit, norse = results["ann_limit_fp32"]["train_step_ms"], results["norse"] and results["norse"]["train_step_ms"]
     print(f"T={args.seq_length} B={args.batch_size} threads={args.threads} device={args.device}")
-    print(f"{'variant':<22}{'ms/step':>9}{'samples/s':>11}{'peak MB':>9}{'faults/step':>13}"
-          f"{'× ANN fp32':>12}{'× Norse speed':>15}")
+    print(
+        f"{'variant':<22}{'ms/step':>9}{'samples/s':>11}{'peak MB':>9}{'faults/step':>13}"
+        f"{'× ANN fp32':>12}{'× Norse speed':>15}"
+    )
     for variant, r in results.items():
         if r is None:
             print(f"{variant:<22}{'(Norse not installed)':>30}")
@@ -251,10 +287,14 @@ def main() -> None:
             f"{r['page_faults_per_step']:>13.0f}{r['train_step_ms'] / limit:>12.2f}{speedup:>15}"
         )
     data_ms = report["data_and_encoding_ms"]
-    print(f"data + encoding: {data_ms:.2f} ms per batch = "
-          f"{100 * data_ms / results['snn_train_fp32']['train_step_ms']:.1f} % of the fp32 step")
-    print(f"first snn_train_fp32 step (includes compiling the LIF backward, or loading it from the cache): "
-          f"{report['first_step_s']['snn_train_fp32']:.1f} s")
+    print(
+        f"data + encoding: {data_ms:.2f} ms per batch = "
+        f"{100 * data_ms / results['snn_train_fp32']['train_step_ms']:.1f} % of the fp32 step"
+    )
+    print(
+        f"first snn_train_fp32 step (includes compiling the LIF backward, or loading it from the cache): "
+        f"{report['first_step_s']['snn_train_fp32']:.1f} s"
+    )
     print(f"inference (no_grad, eval): {report['inference_samples_per_s']:.0f} samples/s")
     for T, r in report["memory_by_seq_length"].items():
         print(f"T={T:>3}: {r['train_step_ms']:8.1f} ms/step, peak {r['peak_memory_mb']:7.0f} MB")

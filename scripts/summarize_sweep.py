@@ -14,8 +14,16 @@ from pathlib import Path
 import yaml
 
 COLUMNS = (
-    "overrides", "seq_length", "epochs", "steps", "test_accuracy", "test_loss", "spikes_per_sample", "train_accuracy",
-    "samples_per_s", "wall_s",
+    "overrides",
+    "seq_length",
+    "epochs",
+    "steps",
+    "test_accuracy",
+    "test_loss",
+    "spikes_per_sample",
+    "train_accuracy",
+    "samples_per_s",
+    "wall_s",
 )
 
 

@@ -18,7 +18,9 @@ def affine(images: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor, shift:
     # affine_grid maps output coordinates (x, y in [-1, 1]) to the input coordinates sampled there: the inverse map
     x_shift = -(cos * shift[:, 0] * 2 / width + sin * shift[:, 1] * 2 / height)
     y_shift = -(-sin * shift[:, 0] * 2 / width + cos * shift[:, 1] * 2 / height)
-    theta = torch.stack([torch.stack([cos, sin * height / width, x_shift], 1), torch.stack([-sin * width / height, cos, y_shift], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([cos, sin * height / width, x_shift], 1), torch.stack([-sin * width / height, cos, y_shift], 1)], 1
+    )
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 

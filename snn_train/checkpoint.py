@@ -26,12 +26,27 @@ from snn_train.schema import Config
 LAST, PREVIOUS = "last.pt", "previous.pt"
 STATES = ("model", "optimizer", "scheduler", "config", "rng")  # a checkpoint's keys besides ``loop``
 REQUIRED = ("model", "config", "epoch", "step")  # what snn-eval needs (epoch and step in ``loop``)
-RESUMABLE = ("optimizer", "scheduler", "rng", "batch", "history")  # what resuming needs too (batch, history in ``loop``)
+RESUMABLE = (
+    "optimizer",
+    "scheduler",
+    "rng",
+    "batch",
+    "history",
+)  # what resuming needs too (batch, history in ``loop``)
 # What may differ from a checkpoint's config when resuming it: how long to run, where and how to compute,
 # log and evaluate, where the data lives. Everything else (network, T, data set, optimizer, seed, batches) must match.
 CHANGEABLE_ON_RESUME = (
-    "train.epochs", "train.resume", "train.device", "train.eval_batch_size", "train.checkpoint_every_n_steps",
-    "train.on_nan", "train.precision", "train.compile", "log", "data.root", "data.download",
+    "train.epochs",
+    "train.resume",
+    "train.device",
+    "train.eval_batch_size",
+    "train.checkpoint_every_n_steps",
+    "train.on_nan",
+    "train.precision",
+    "train.compile",
+    "log",
+    "data.root",
+    "data.download",
 )
 
 
@@ -155,7 +170,9 @@ def find_checkpoint(path: Path) -> Path:
     """The checkpoint file given, or a run folder's newest: checkpoints/last.pt."""
     file = path / "checkpoints" / LAST if path.is_dir() else path
     if not file.is_file():
-        raise CheckpointError(f"no checkpoint at {file}; give a checkpoint file or a run folder holding checkpoints/{LAST}")
+        raise CheckpointError(
+            f"no checkpoint at {file}; give a checkpoint file or a run folder holding checkpoints/{LAST}"
+        )
     return file
 
 
@@ -178,7 +195,9 @@ def load_for_resume(cfg: Config | DictConfig) -> tuple[Path, dict[str, Any]]:
     except CheckpointError as error:
         if path.name != LAST or not path.with_name(PREVIOUS).is_file():
             raise
-        raise CheckpointError(f"{error}; train.resume={path.with_name(PREVIOUS)} continues from the one before") from None
+        raise CheckpointError(
+            f"{error}; train.resume={path.with_name(PREVIOUS)} continues from the one before"
+        ) from None
     missing = _missing(state, RESUMABLE)
     if missing:
         raise CheckpointError(

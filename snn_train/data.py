@@ -44,7 +44,9 @@ def check_idx_file(path: Path, ndim: int) -> int:
     with path.open("rb") as f:
         head = f.read(header)
     if len(head) < header:
-        raise DataError(f"{path}: truncated IDX file ({size} bytes, shorter than its header); delete it and download again")
+        raise DataError(
+            f"{path}: truncated IDX file ({size} bytes, shorter than its header); delete it and download again"
+        )
     if head[0] != 0 or head[1] != 0 or head[2] != IDX_UBYTE or head[3] != ndim:
         raise DataError(
             f"{path}: not a {ndim}-dimensional uint8 IDX file "
@@ -54,8 +56,10 @@ def check_idx_file(path: Path, ndim: int) -> int:
     dims = [int.from_bytes(head[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim)]
     expected = header + math.prod(dims)
     if size != expected:
-        raise DataError(f"{path}: IDX header says {dims} ({expected} bytes) but the file has {size} bytes; "
-            "it is truncated or corrupt")
+        raise DataError(
+            f"{path}: IDX header says {dims} ({expected} bytes) but the file has {size} bytes; "
+            "it is truncated or corrupt"
+        )
     return dims[0]
 
 
@@ -73,7 +77,9 @@ def _check_raw_files(raw_folder: Path, train: bool) -> None:
     if images.exists() and labels.exists():
         n_images, n_labels = check_idx_file(images, 3), check_idx_file(labels, 1)
         if n_images != n_labels:
-            raise DataError(f"{images} holds {n_images} images but {labels} holds {n_labels} labels; the pair does not match")
+            raise DataError(
+                f"{images} holds {n_images} images but {labels} holds {n_labels} labels; the pair does not match"
+            )
         check_labels(labels)
 
 
@@ -94,7 +100,9 @@ def load_split(data_cfg: DataConfig, train: bool) -> Split:
     return Split(dataset.data.to(torch.uint8), dataset.targets.to(torch.int64))
 
 
-def batch_indices(n: int, batch_size: int, generator: torch.Generator | None, limit: int | None) -> Iterator[torch.Tensor]:
+def batch_indices(
+    n: int, batch_size: int, generator: torch.Generator | None, limit: int | None
+) -> Iterator[torch.Tensor]:
     """Index batches over n items: shuffled with ``generator`` (or in order if None), at most ``limit``."""
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     batches = order.split(batch_size)

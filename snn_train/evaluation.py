@@ -57,7 +57,12 @@ class TestCounts:
 
 @torch.no_grad()
 def evaluate(
-    model: ConvSNN, encoder: nn.Module, split: Split, decoder: str, batch_size: int, limit: int | None,
+    model: ConvSNN,
+    encoder: nn.Module,
+    split: Split,
+    decoder: str,
+    batch_size: int,
+    limit: int | None,
     precision: str = "fp32",
 ) -> TestCounts:
     """Run the split (or its first ``limit`` batches) through the network in eval mode, every layer traced, each rank

@@ -25,8 +25,15 @@ def _compiled(step: Callable[..., tuple[torch.Tensor, ...]]) -> Callable[..., tu
 
 
 def _backward_step(
-    surrogate: str, grad_spike: torch.Tensor, grad_v: torch.Tensor, grad_i: torch.Tensor, v_pre: torch.Tensor,
-    dt_tau_mem_inv: torch.Tensor, dt_tau_syn_inv: torch.Tensor, v_th: torch.Tensor, v_reset: torch.Tensor,
+    surrogate: str,
+    grad_spike: torch.Tensor,
+    grad_v: torch.Tensor,
+    grad_i: torch.Tensor,
+    v_pre: torch.Tensor,
+    dt_tau_mem_inv: torch.Tensor,
+    dt_tau_syn_inv: torch.Tensor,
+    v_th: torch.Tensor,
+    v_reset: torch.Tensor,
     alpha: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One LIF step backward: the gradients of this step's input current (= of i_in) and of the voltage before it."""
@@ -40,9 +47,17 @@ def _backward_step(
 
 
 def _learned_backward_step(
-    surrogate: str, grad_spike: torch.Tensor, grad_v: torch.Tensor, grad_i: torch.Tensor, v_pre: torch.Tensor,
-    v_before: torch.Tensor, dt_tau_mem_inv: torch.Tensor, dt_tau_syn_inv: torch.Tensor, v_th: torch.Tensor,
-    v_reset: torch.Tensor, alpha: torch.Tensor,
+    surrogate: str,
+    grad_spike: torch.Tensor,
+    grad_v: torch.Tensor,
+    grad_i: torch.Tensor,
+    v_pre: torch.Tensor,
+    v_before: torch.Tensor,
+    dt_tau_mem_inv: torch.Tensor,
+    dt_tau_syn_inv: torch.Tensor,
+    v_th: torch.Tensor,
+    v_reset: torch.Tensor,
+    alpha: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """_backward_step, plus this step's share of the gradients of dt·τm⁻¹ and of v_th.
 
@@ -79,7 +94,9 @@ def lif_backward(
     for t in reversed(range(len(v_pre))):
         before = v_pre[t - 1]
         v_before = torch.where(before > p.v_th, p.v_reset, before) if t else torch.full_like(v_pre[0], p.v_leak)
-        grad_i, grad_v, *grads = learned_step(p.surrogate, grad_spikes[t], grad_v, grad_i, v_pre[t], v_before, *constants)
+        grad_i, grad_v, *grads = learned_step(
+            p.surrogate, grad_spikes[t], grad_v, grad_i, v_pre[t], v_before, *constants
+        )
         grad_currents[t] = grad_i
         grad_dt_tau_mem_inv += grads[0]
         grad_v_th += grads[1]

@@ -29,7 +29,9 @@ class LIF(nn.Module):
     PLIF style); the time constant as dt·tau_mem_inv = sigmoid(w), which keeps the Euler step stable.
     """
 
-    def __init__(self, p: LIFParameters, compiled: bool = False, learn_tau_mem: bool = False, learn_v_th: bool = False) -> None:
+    def __init__(
+        self, p: LIFParameters, compiled: bool = False, learn_tau_mem: bool = False, learn_v_th: bool = False
+    ) -> None:
         super().__init__()
         self.p = p
         self.compiled = compiled
@@ -42,7 +44,11 @@ class LIF(nn.Module):
         return None if self.tau_mem_logit is None else torch.sigmoid(self.tau_mem_logit) / self.p.dt
 
     def forward(
-        self, currents: torch.Tensor, trace: dict[str, LayerTrace] | None = None, name: str = "", record_voltage: bool = True
+        self,
+        currents: torch.Tensor,
+        trace: dict[str, LayerTrace] | None = None,
+        name: str = "",
+        record_voltage: bool = True,
     ) -> torch.Tensor:
         record_voltage = record_voltage and trace is not None
         spikes, voltage = lif_sequence(currents, self.p, record_voltage, self.compiled, self.tau_mem_inv(), self.v_th)
@@ -83,7 +89,9 @@ def convolve_over_time(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor, scale:
     (its statistics over time and batch are those over the batch).
     """
     if x.stride(0) == 0:
-        return (norm(conv(x[0].contiguous(memory_format=torch.channels_last))) * scale).expand(x.shape[0], -1, -1, -1, -1)
+        return (norm(conv(x[0].contiguous(memory_format=torch.channels_last))) * scale).expand(
+            x.shape[0], -1, -1, -1, -1
+        )
     currents = norm(conv(x.flatten(0, 1).contiguous(memory_format=torch.channels_last))) * scale
     return currents.unflatten(0, x.shape[:2])
 
@@ -205,7 +213,9 @@ class ConvSNN(nn.Module):
             operations[name] = (events * fan_out).sum(dim=[0, *range(2, events.dim())])
         return operations
 
-    def forward(self, x: torch.Tensor, trace: dict[str, LayerTrace] | None = None, record_voltage: bool = True) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, trace: dict[str, LayerTrace] | None = None, record_voltage: bool = True
+    ) -> torch.Tensor:
         """Readout voltages [T, B, classes] for input [T, B, C, H, W]; fills ``trace`` (with voltages if asked) if
         given."""
         T, B = x.shape[:2]

@@ -39,7 +39,9 @@ class LIFParameters:
     alpha: float  # the surrogate's sharpness
 
 
-def leaky_integrate(v: torch.Tensor, current: torch.Tensor, dt: float, tau_mem_inv: float, v_leak: float) -> torch.Tensor:
+def leaky_integrate(
+    v: torch.Tensor, current: torch.Tensor, dt: float, tau_mem_inv: float, v_leak: float
+) -> torch.Tensor:
     """One Euler step of the membrane: v + dt·τm⁻¹·(v_leak − v + current)."""
     return v + dt * tau_mem_inv * (v_leak - v + current)
 
@@ -144,7 +146,9 @@ def _run_lif(
     """``_lif_forward`` on [T, B, ...]: spikes in the input's dtype and layout, the pre-reset voltages if kept (flat),
     the post-reset voltages if asked (in the state's precision), and the memory order used."""
     order = _memory_order(currents[0])
-    spikes, v_pre, voltages = _lif_forward(_flatten_steps(_state_precision(currents), order), p, record_voltage, keep_pre_reset)
+    spikes, v_pre, voltages = _lif_forward(
+        _flatten_steps(_state_precision(currents), order), p, record_voltage, keep_pre_reset
+    )
     voltages = None if voltages is None else _unflatten_steps(voltages, currents.shape, order)
     return _unflatten_steps(spikes.to(currents.dtype), currents.shape, order), v_pre, voltages, order
 
@@ -157,8 +161,13 @@ class _FusedLIFSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, currents: torch.Tensor, p: LIFParameters, record_voltage: bool, compiled: bool,
-        tau_mem_inv: torch.Tensor | None, v_th: torch.Tensor | None,
+        ctx,
+        currents: torch.Tensor,
+        p: LIFParameters,
+        record_voltage: bool,
+        compiled: bool,
+        tau_mem_inv: torch.Tensor | None,
+        v_th: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         p = _with_learned(p, tau_mem_inv, v_th)
         spikes, v_pre, voltages, order = _run_lif(currents, p, record_voltage, keep_pre_reset=True)
@@ -191,8 +200,12 @@ def _with_learned(p: LIFParameters, tau_mem_inv: torch.Tensor | None, v_th: torc
 
 
 def lif_sequence(
-    currents: torch.Tensor, p: LIFParameters, record_voltage: bool = False, compiled: bool = False,
-    tau_mem_inv: torch.Tensor | None = None, v_th: torch.Tensor | None = None,
+    currents: torch.Tensor,
+    p: LIFParameters,
+    record_voltage: bool = False,
+    compiled: bool = False,
+    tau_mem_inv: torch.Tensor | None = None,
+    v_th: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run a LIF layer over a whole sequence [T, B, ...] from rest (v = v_leak, i = 0), fused.
 
@@ -204,13 +217,18 @@ def lif_sequence(
     learned = [value for value in (tau_mem_inv, v_th) if value is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in [currents, *learned]):
         return _FusedLIFSequence.apply(currents, p, record_voltage, compiled, tau_mem_inv, v_th)
-    spikes, _, voltages, _ = _run_lif(currents, _with_learned(p, tau_mem_inv, v_th), record_voltage, keep_pre_reset=False)
+    spikes, _, voltages, _ = _run_lif(
+        currents, _with_learned(p, tau_mem_inv, v_th), record_voltage, keep_pre_reset=False
+    )
     return spikes, voltages
 
 
 def lif_sequence_reference(
-    currents: torch.Tensor, p: LIFParameters, record_voltage: bool = False,
-    tau_mem_inv: torch.Tensor | None = None, v_th: torch.Tensor | None = None,
+    currents: torch.Tensor,
+    p: LIFParameters,
+    record_voltage: bool = False,
+    tau_mem_inv: torch.Tensor | None = None,
+    v_th: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """lif_sequence as a plain loop of lif_step under autograd: the oracle for the fused kernel."""
     if tau_mem_inv is not None:

@@ -28,7 +28,9 @@ def training_config(file: Path, checkpoint: dict[str, Any]) -> DictConfig:
     train_cfg = OmegaConf.merge(OmegaConf.structured(Config), checkpoint["config"])
     missing = sorted(OmegaConf.missing_keys(train_cfg))
     if missing:
-        raise CheckpointError(f"{file}: its config lacks {', '.join(missing)} (written by an older snn-train, which can evaluate it)")
+        raise CheckpointError(
+            f"{file}: its config lacks {', '.join(missing)} (written by an older snn-train, which can evaluate it)"
+        )
     return train_cfg
 
 
@@ -96,12 +98,19 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     text = json.dumps(result, indent=2)
     write_atomically(file.with_name("eval.json"), lambda f: f.write(text.encode()))
     if cfg.tensorboard:
-        write_images(file.parent, checkpoint["loop"]["step"], counts.confusion, model, encoder, test_set, cfg.raster_samples)
+        write_images(
+            file.parent, checkpoint["loop"]["step"], counts.confusion, model, encoder, test_set, cfg.raster_samples
+        )
     return result
 
 
 def write_images(
-    log_dir: Path, step: int, confusion: torch.Tensor, model: ConvSNN, encoder: torch.nn.Module, test_set: Split,
+    log_dir: Path,
+    step: int,
+    confusion: torch.Tensor,
+    model: ConvSNN,
+    encoder: torch.nn.Module,
+    test_set: Split,
     samples: int,
 ) -> None:
     """TensorBoard images beside eval.json: the confusion matrix and each layer's spike raster for the first test

@@ -71,14 +71,36 @@ def start_run(cfg: Config, run_dir: Path) -> Run:
         progress = Progress.from_checkpoint(state["loop"])
         if progress.epoch > cfg.train.epochs:
             raise ConfigError(f"train.epochs={cfg.train.epochs} but {path} has already begun epoch {progress.epoch}")
-        restore(state, model, optimizer, scheduler, data_order)  # the schedule follows train.epochs, which may have changed
+        restore(
+            state, model, optimizer, scheduler, data_order
+        )  # the schedule follows train.epochs, which may have changed
         log.info("resuming %s: epoch %d, batch %d, step %d", path, progress.epoch, progress.batch, progress.step)
     purge_step = progress.step + 1 if resumed is not None else None
     logger = RunLogger(run_dir, purge_step=purge_step) if distributed.is_main() else None
     log.info(
         "run dir %s, device %s, %d train / %d test samples, %d process(es)\n%s\n%s",
-        run_dir, device, len(train_set), len(test_set), distributed.world_size(), encoder, model,
+        run_dir,
+        device,
+        len(train_set),
+        len(test_set),
+        distributed.world_size(),
+        encoder,
+        model,
     )
     started = time.perf_counter() - progress.wall_s
     trained = distributed.data_parallel(model)
-    return Run(cfg, run_dir, train_set, test_set, model, trained, encoder, optimizer, scheduler, data_order, logger, progress, started)
+    return Run(
+        cfg,
+        run_dir,
+        train_set,
+        test_set,
+        model,
+        trained,
+        encoder,
+        optimizer,
+        scheduler,
+        data_order,
+        logger,
+        progress,
+        started,
+    )

@@ -40,7 +40,10 @@ def reported(method: Method) -> Method:
 
 def flat_hparams(cfg: Config | DictConfig) -> dict[str, Any]:
     """The resolved config as flat ``a.b.c`` keys with TensorBoard-friendly values (lists and None as strings)."""
-    return {key: str(value) if value is None or isinstance(value, list) else value for key, value in flat_config(cfg).items()}
+    return {
+        key: str(value) if value is None or isinstance(value, list) else value
+        for key, value in flat_config(cfg).items()
+    }
 
 
 class RunLogger:
@@ -119,7 +122,13 @@ class RunLogger:
         image = axes.imshow(counts, cmap="Blues")
         for (true, predicted), count in numpy.ndenumerate(counts):
             axes.text(predicted, true, str(count), ha="center", va="center", fontsize="x-small")
-        axes.set(xlabel="predicted class", ylabel="true class", title="confusion matrix", xticks=range(len(counts)), yticks=range(len(counts)))
+        axes.set(
+            xlabel="predicted class",
+            ylabel="true class",
+            title="confusion matrix",
+            xticks=range(len(counts)),
+            yticks=range(len(counts)),
+        )
         figure.colorbar(image)
         figure.tight_layout()
         self.writer.add_figure("Eval/confusion_matrix", figure, step)
@@ -133,8 +142,11 @@ class RunLogger:
                 time, neuron = layer.spikes[:, n].flatten(1).nonzero(as_tuple=True)
                 axes.scatter(time.cpu().numpy(), neuron.cpu().numpy(), s=2, marker="|", color="black")
                 axes.set(
-                    xlabel="time step", ylabel="neuron", title=f"sample {n} (label {label})",
-                    xlim=(-0.5, len(layer.spikes) - 0.5), ylim=(-0.5, layer.spikes[0, 0].numel() - 0.5),
+                    xlabel="time step",
+                    ylabel="neuron",
+                    title=f"sample {n} (label {label})",
+                    xlim=(-0.5, len(layer.spikes) - 0.5),
+                    ylim=(-0.5, layer.spikes[0, 0].numel() - 0.5),
                 )
             figure.tight_layout()
             self.writer.add_figure(f"Eval/spike_raster/{name}", figure, step)

@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 def stop_requests() -> Iterator[list[int]]:
     """Record SIGINT and SIGTERM instead of dying, so the loop can checkpoint at the next step boundary and stop."""
     requested: list[int] = []
-    previous = {signum: signal.signal(signum, lambda s, _: requested.append(s)) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        signum: signal.signal(signum, lambda s, _: requested.append(s)) for signum in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield requested
     finally:
@@ -50,8 +52,10 @@ def save(run: Run, data_order: torch.Tensor) -> None:
     checkpoint stays."""
     folder = run.run_dir / "checkpoints"
     if not all(torch.isfinite(p).all() for p in run.model.parameters()):
-        raise TrainingError(f"the weights are no longer finite at step {run.progress.step}; "
-            f"stopped, keeping the checkpoints in {folder}")
+        raise TrainingError(
+            f"the weights are no longer finite at step {run.progress.step}; "
+            f"stopped, keeping the checkpoints in {folder}"
+        )
     run.progress.wall_s = time.perf_counter() - run.started
     if run.logger is not None:
         run.logger.flush()  # the event files hold every step up to the checkpoint; a resume purges later ones
@@ -62,7 +66,9 @@ def save(run: Run, data_order: torch.Tensor) -> None:
 def interrupted(run: Run, signum: int) -> Interrupted:
     """The stop after a checkpoint, with how to continue."""
     saved = run.run_dir / "checkpoints" / LAST
-    return Interrupted(signum, f"interrupted at step {run.progress.step}: saved {saved}; continue with train.resume={run.run_dir}")
+    return Interrupted(
+        signum, f"interrupted at step {run.progress.step}: saved {saved}; continue with train.resume={run.run_dir}"
+    )
 
 
 def train_step(run: Run, index: torch.Tensor, epoch: int) -> torch.Tensor | None:
@@ -80,7 +86,9 @@ def train_step(run: Run, index: torch.Tensor, epoch: int) -> torch.Tensor | None
         voltages = run.trained(encoded, trace)
         logits = decode(voltages, cfg.decoder)
     loss_sum = objective(voltages, logits, labels, cfg.loss)
-    sums = distributed.sum_over_ranks(torch.stack([loss_sum.detach().float(), (logits.argmax(1) == labels).sum().float()]))
+    sums = distributed.sum_over_ranks(
+        torch.stack([loss_sum.detach().float(), (logits.argmax(1) == labels).sum().float()])
+    )
     loss = sums[0] / len(index)
     finite = bool(torch.isfinite(loss))
     if finite:
@@ -143,7 +151,9 @@ def train_epoch(run: Run, epoch: int, stop: list[int]) -> None:
     tally(progress, loss_sum, correct, epoch_start)
 
 
-def log_progress(run: Run, logger: RunLogger, loss_sum: torch.Tensor, correct: torch.Tensor, epoch_start: float, bar: tqdm) -> None:
+def log_progress(
+    run: Run, logger: RunLogger, loss_sum: torch.Tensor, correct: torch.Tensor, epoch_start: float, bar: tqdm
+) -> None:
     """The running train loss and accuracy every log.every_n_steps (bar and TensorBoard), parameters every
     log.histogram_every_n_steps."""
     cfg, progress = run.cfg, run.progress
@@ -164,14 +174,23 @@ def stop_signal(stop: list[int]) -> int:
 
 def tally(progress: Progress, loss_sum: torch.Tensor, correct: torch.Tensor, epoch_start: float) -> None:
     """Copy the epoch's running sums and time into ``progress`` (for a checkpoint or the epoch's metrics)."""
-    progress.loss_sum, progress.correct, progress.epoch_s = loss_sum.item(), int(correct.item()), time.perf_counter() - epoch_start
+    progress.loss_sum, progress.correct, progress.epoch_s = (
+        loss_sum.item(),
+        int(correct.item()),
+        time.perf_counter() - epoch_start,
+    )
 
 
 def end_epoch(run: Run, epoch: int) -> None:
     """Evaluate, log, record the epoch's metrics (resetting the running sums), checkpoint and write metrics.json."""
     cfg, progress = run.cfg, run.progress
     test = evaluate(
-        run.model, run.encoder, run.test_set, cfg.decoder, cfg.train.eval_batch_size, cfg.train.limit_batches,
+        run.model,
+        run.encoder,
+        run.test_set,
+        cfg.decoder,
+        cfg.train.eval_batch_size,
+        cfg.train.limit_batches,
         cfg.train.precision,
     )
     seen, step = progress.seen, progress.step
@@ -194,8 +213,13 @@ def end_epoch(run: Run, epoch: int) -> None:
         write_metrics(run.run_dir / "metrics.json", run.progress.history)
     log.info(
         "epoch %d: train loss %.4f acc %.4f | test loss %.4f acc %.4f, %.0f spikes/sample | %.0f samples/s",
-        epoch, metrics.train_loss, metrics.train_accuracy, metrics.test_loss, metrics.test_accuracy,
-        metrics.test_spikes_per_sample, metrics.samples_per_s,
+        epoch,
+        metrics.train_loss,
+        metrics.train_accuracy,
+        metrics.test_loss,
+        metrics.test_accuracy,
+        metrics.test_spikes_per_sample,
+        metrics.samples_per_s,
     )
 
 
@@ -205,10 +229,14 @@ def log_epoch(run: Run, logger: RunLogger, metrics: EpochMetrics) -> None:
     step = metrics.step
     if step % run.cfg.log.every_n_steps != 0:
         logger.scalars(step, train_scalars(run, metrics.train_loss, metrics.train_accuracy))
-    logger.scalars(step, {
-        "Loss/test": metrics.test_loss, "Accuracy/test": metrics.test_accuracy,
-        "Spikes/test_per_sample": metrics.test_spikes_per_sample,
-    })
+    logger.scalars(
+        step,
+        {
+            "Loss/test": metrics.test_loss,
+            "Accuracy/test": metrics.test_accuracy,
+            "Spikes/test_per_sample": metrics.test_spikes_per_sample,
+        },
+    )
     encoded, voltages, _ = sample_forward(run.model, run.encoder, run.test_set, 1)
     logger.readout_traces(step, voltages[:, 0], int(run.test_set.labels[0]))
     logger.input_raster(step, encoded[:, 0])
@@ -242,9 +270,17 @@ def complete(run: Run) -> list[EpochMetrics]:
                     raise interrupted(run, signum)
         history = run.progress.history
         if run.logger is not None:
-            run.logger.hparams(cfg, {"hparam/test_accuracy": history[-1].test_accuracy, "hparam/test_loss": history[-1].test_loss})
+            run.logger.hparams(
+                cfg, {"hparam/test_accuracy": history[-1].test_accuracy, "hparam/test_loss": history[-1].test_loss}
+            )
     finally:
         if run.logger is not None:
             run.logger.close()
-    log.info("final test accuracy %.4f (loss %.4f) after %d steps in %.1f s", history[-1].test_accuracy, history[-1].test_loss, run.progress.step, history[-1].wall_s)
+    log.info(
+        "final test accuracy %.4f (loss %.4f) after %d steps in %.1f s",
+        history[-1].test_accuracy,
+        history[-1].test_loss,
+        run.progress.step,
+        history[-1].wall_s,
+    )
     return history

@@ -15,12 +15,20 @@ ROOT = Path(__file__).parents[1]
 
 
 def ablation(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "ablation.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "ablation.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_ablation_table_reports_each_variants_metrics(tmp_path: Path, tiny_overrides: list[str]) -> None:
     base = " ".join([*tiny_overrides, "train.limit_batches=2", "seq_length=4"])
-    result = ablation(["--out", "grid", "--base", base, "seq_length=3", "model.batch_norm=true train.epochs=2"], tmp_path)
+    result = ablation(
+        ["--out", "grid", "--base", base, "seq_length=3", "model.batch_norm=true train.epochs=2"], tmp_path
+    )
     assert result.returncode == 0, result.stderr
     table = (tmp_path / "grid" / "ablation.md").read_text()
     assert result.stdout == table

@@ -12,10 +12,14 @@ from omegaconf import OmegaConf
 from snn_train.augment import affine, random_affine
 
 
-def transform(images: torch.Tensor, angle: float = 0.0, zoom: float = 1.0, shift: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+def transform(
+    images: torch.Tensor, angle: float = 0.0, zoom: float = 1.0, shift: tuple[float, float] = (0.0, 0.0)
+) -> torch.Tensor:
     """``affine`` with the same angle, zoom and shift for every image."""
     count = len(images)
-    return affine(images, torch.full((count,), angle), torch.full((count,), zoom), torch.tensor([shift]).expand(count, 2))
+    return affine(
+        images, torch.full((count,), angle), torch.full((count,), zoom), torch.tensor([shift]).expand(count, 2)
+    )
 
 
 def augment_cfg(shift: float = 0.0, rotate: float = 0.0, scale: float = 0.0):
@@ -40,7 +44,9 @@ def centroids(images: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("size", [(9, 9), (7, 12)], ids=["square", "wide"])
 @pytest.mark.parametrize("shift", [(2, 0), (0, 3), (-1, 2), (3, -2)])
-def test_an_integer_shift_moves_the_pixels_right_and_down_and_fills_zeros(size: tuple[int, int], shift: tuple[int, int]) -> None:
+def test_an_integer_shift_moves_the_pixels_right_and_down_and_fills_zeros(
+    size: tuple[int, int], shift: tuple[int, int]
+) -> None:
     torch.manual_seed(0)
     images = torch.rand(3, 2, *size)
     dx, dy = shift

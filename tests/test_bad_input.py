@@ -21,7 +21,10 @@ from snn_train.errors import ConfigError
 from snn_train.task import build_model, build_optimizer, build_scheduler
 
 CONFIGS = Path(__file__).parents[1] / "configs"
-GROUPS = {group: sorted(path.stem for path in (CONFIGS / group).glob("*.yaml")) for group in ("model", "encoder", "data", "optim")}
+GROUPS = {
+    group: sorted(path.stem for path in (CONFIGS / group).glob("*.yaml"))
+    for group in ("model", "encoder", "data", "optim")
+}
 # Keys drawn: every leaf of the default config but those that point at files (the CLI examples set them).
 KEYS = sorted(key for key in flat_config(load_config([])) if key not in ("data.root", "data.download", "train.resume"))
 
@@ -40,7 +43,9 @@ values = st.one_of(
 override = st.one_of(
     st.tuples(st.sampled_from(KEYS), numbers).map("=".join),  # a known key, a number: often composes, then checked
     st.tuples(st.sampled_from(KEYS), values).map("=".join),  # a known key, any value
-    st.tuples(st.sampled_from(sorted(GROUPS)), st.one_of(st.sampled_from(sum(GROUPS.values(), [])), garbage)).map("=".join),
+    st.tuples(st.sampled_from(sorted(GROUPS)), st.one_of(st.sampled_from(sum(GROUPS.values(), [])), garbage)).map(
+        "=".join
+    ),
     st.tuples(st.from_regex(r"[a-z_]{1,8}(\.[a-z_]{1,8}){0,2}", fullmatch=True), values).map("=".join),  # unknown keys
     st.tuples(st.sampled_from(["~", "+", "++"]), st.sampled_from(KEYS), values).map(lambda t: f"{t[0]}{t[1]}={t[2]}"),
     garbage,
@@ -77,8 +82,17 @@ def test_random_overrides_on_the_command_line_end_in_one_line_and_no_traceback(o
     """With no data there, a config that is fine ends in the missing-data error: every example exits 2 with one line."""
     with tempfile.TemporaryDirectory() as folder:
         result = subprocess.run(
-            ["snn-train", *overrides, f"data.root={folder}/nothing", "data.download=false", f"hydra.run.dir={folder}/run"],
-            cwd=folder, capture_output=True, text=True, timeout=300,
+            [
+                "snn-train",
+                *overrides,
+                f"data.root={folder}/nothing",
+                "data.download=false",
+                f"hydra.run.dir={folder}/run",
+            ],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr

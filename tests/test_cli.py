@@ -97,7 +97,9 @@ def test_two_job_sweep_runs_each_job_in_its_own_folder(tmp_path: Path, tiny_over
 
     summary = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "summarize_sweep.py"), str(jobs[0].parent), "--csv"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     header, *rows = summary.stdout.splitlines()
     assert header.startswith("overrides,seq_length,epochs,steps,test_accuracy")
@@ -108,7 +110,9 @@ def test_two_job_sweep_runs_each_job_in_its_own_folder(tmp_path: Path, tiny_over
 
 def test_runs_started_together_get_separate_folders(tmp_path: Path, tiny_overrides: list[str]) -> None:
     command = ["snn-train", *tiny_overrides, "train.limit_batches=1"]
-    processes = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    processes = [
+        subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)
+    ]
     assert [p.wait(timeout=300) for p in processes] == [0, 0]
     assert len(run_dirs(tmp_path / "outputs")) == 2
 
@@ -116,7 +120,10 @@ def test_runs_started_together_get_separate_folders(tmp_path: Path, tiny_overrid
 def test_python_dash_m_runs_the_same_application(tmp_path: Path, tiny_overrides: list[str]) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "snn_train", *tiny_overrides, "train.limit_batches=1", "seq_length=0"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2 and "seq_length must be > 0" in result.stderr
 
@@ -136,7 +143,9 @@ def test_python_dash_m_runs_the_same_application(tmp_path: Path, tiny_overrides:
         ("train.device=gpu", "train.device=gpu is not a device"),
     ],
 )
-def test_bad_input_gives_a_message_and_no_traceback(tmp_path: Path, tiny_overrides: list[str], override: str, message: str) -> None:
+def test_bad_input_gives_a_message_and_no_traceback(
+    tmp_path: Path, tiny_overrides: list[str], override: str, message: str
+) -> None:
     result = snn_train([*tiny_overrides, override], tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith("snn-train: error: ") and result.stderr.count("\n") == 1
@@ -144,7 +153,9 @@ def test_bad_input_gives_a_message_and_no_traceback(tmp_path: Path, tiny_overrid
     assert not (tmp_path / "outputs").exists() or not run_dirs(tmp_path / "outputs")
 
 
-def test_a_run_folder_that_cannot_be_created_is_reported_before_training(tmp_path: Path, tiny_overrides: list[str]) -> None:
+def test_a_run_folder_that_cannot_be_created_is_reported_before_training(
+    tmp_path: Path, tiny_overrides: list[str]
+) -> None:
     (tmp_path / "file").write_text("not a folder")
     result = snn_train([*tiny_overrides, f"hydra.run.dir={tmp_path / 'file' / 'run'}"], tmp_path)
     assert result.returncode == 2
@@ -182,7 +193,10 @@ def test_corrupt_data_is_reported_by_file(tmp_path: Path, tiny_overrides: list[s
     damage(tmp_path / "data" / "MNIST" / "raw")
     result = snn_train(tiny_overrides, tmp_path)
     assert result.returncode == 2
-    assert result.stderr.startswith(f"snn-train: error: {tmp_path / 'data' / 'MNIST' / 'raw'}/") and result.stderr.count("\n") == 1
+    assert (
+        result.stderr.startswith(f"snn-train: error: {tmp_path / 'data' / 'MNIST' / 'raw'}/")
+        and result.stderr.count("\n") == 1
+    )
     assert message in result.stderr
 
 

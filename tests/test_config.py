@@ -110,7 +110,10 @@ def test_decoders_reduce_over_time() -> None:
         ("augment.rotate=-5", "augment.rotate must be >= 0 (0 = off), got -5"),
         ("augment.scale=-0.1", "augment.scale must be >= 0 (0 = off), got -0.1"),
         ("augment.scale=1", "augment.scale is a relative zoom and must be < 1, got 1"),
-        ("model.learn_tau_mem=true model.lif.dt=0.001 model.lif.tau_mem_inv=1000", "model.learn_tau_mem needs model.lif.dt·tau_mem_inv < 1"),
+        (
+            "model.learn_tau_mem=true model.lif.dt=0.001 model.lif.tau_mem_inv=1000",
+            "model.learn_tau_mem needs model.lif.dt·tau_mem_inv < 1",
+        ),
     ],
 )
 def test_impossible_values_are_refused_with_the_key_named(override: str, message: str) -> None:
@@ -120,8 +123,17 @@ def test_impossible_values_are_refused_with_the_key_named(override: str, message
 
 def test_values_at_the_edges_of_the_allowed_ranges_are_accepted() -> None:
     # warm-up over the whole run; dt·tau_mem_inv = 1 with a fixed time constant (only a learned one must stay below 1)
-    cfg = load_config(["model.dropout=0.9", "loss.label_smoothing=0.5", "train.epochs=2", "warmup_epochs=2", "augment.scale=0.5",
-                       "model.lif.dt=0.001", "model.lif.tau_mem_inv=1000"])
+    cfg = load_config(
+        [
+            "model.dropout=0.9",
+            "loss.label_smoothing=0.5",
+            "train.epochs=2",
+            "warmup_epochs=2",
+            "augment.scale=0.5",
+            "model.lif.dt=0.001",
+            "model.lif.tau_mem_inv=1000",
+        ]
+    )
     assert (cfg.model.dropout, cfg.warmup_epochs, cfg.model.lif.dt * cfg.model.lif.tau_mem_inv) == (0.9, 2, 1)
 
 

@@ -24,8 +24,15 @@ RANKS = Path(__file__).with_name("ddp_ranks.py")
 # spike now and then, and the runs then drift apart; a constant learning rate, so that a 1-epoch run resumed for a
 # 2nd epoch is a 2-epoch run.
 RUN = [
-    "encoder=poisson", "encoder.input_scale=5", "model.lif.v_th=0.1", "decoder=mean", "optim=sgd", "optim.lr=0.5", "scheduler=none",
-    "train.batch_size=15", "train.limit_batches=3",
+    "encoder=poisson",
+    "encoder.input_scale=5",
+    "model.lif.v_th=0.1",
+    "decoder=mean",
+    "optim=sgd",
+    "optim.lr=0.5",
+    "scheduler=none",
+    "train.batch_size=15",
+    "train.limit_batches=3",
 ]
 COMPARED = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
 
@@ -49,7 +56,9 @@ def metrics(run_dir: Path) -> list[dict[str, float]]:
     return json.loads((run_dir / "metrics.json").read_text())["epochs"]
 
 
-def test_two_ranks_end_identical_and_like_one_process_on_the_same_global_batches(tmp_path: Path, tiny_overrides: list[str]) -> None:
+def test_two_ranks_end_identical_and_like_one_process_on_the_same_global_batches(
+    tmp_path: Path, tiny_overrides: list[str]
+) -> None:
     overrides = [*tiny_overrides, *RUN, "train.epochs=2"]
     launch([*TORCHRUN, str(RANKS), str(tmp_path / "ddp"), *overrides], tmp_path)
     launch([sys.executable, str(RANKS), str(tmp_path / "single"), *overrides], tmp_path)
@@ -62,11 +71,17 @@ def test_two_ranks_end_identical_and_like_one_process_on_the_same_global_batches
             assert abs(ddp[key] - single[key]) < 1e-3, key  # a flipped spike in the evaluation moves a loss by 1e-4
 
 
-def test_torchrun_cli_writes_one_run_folder_from_rank_0_and_resumes_a_one_process_run(tmp_path: Path, tiny_overrides: list[str]) -> None:
+def test_torchrun_cli_writes_one_run_folder_from_rank_0_and_resumes_a_one_process_run(
+    tmp_path: Path, tiny_overrides: list[str]
+) -> None:
     overrides, resumed_dir = [*tiny_overrides, *RUN], tmp_path / "resumed"
     launch([*TORCHRUN, "-m", "snn_train", *overrides, "train.epochs=2"], tmp_path)
     (ddp_dir,) = (tmp_path / "outputs").glob("*/*")  # the ranks agreed on rank 0's folder name
-    assert sorted(path.name for path in (ddp_dir / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert sorted(path.name for path in (ddp_dir / ".hydra").iterdir()) == [
+        "config.yaml",
+        "hydra.yaml",
+        "overrides.yaml",
+    ]
     assert sorted(path.name for path in (ddp_dir / "checkpoints").iterdir()) == ["last.pt", "previous.pt"]
     assert (ddp_dir / "cli.log").read_text().count("train loss") == 2  # rank 0 alone logs its epochs
     assert len({path.name.split(".")[-2] for path in ddp_dir.glob("events.out.tfevents.*")}) == 1  # from one process id

@@ -36,7 +36,9 @@ def first_spike_step(current: float, v_th: float, a: float) -> int:
 
 @pytest.mark.parametrize("current", [1.5, 2.0, 3.7, 12.0])
 def test_constant_current_first_spike_matches_closed_form(current: float) -> None:
-    encoder = ConstantCurrentEncoder(seq_length=40, input_scale=current, tau_mem_inv=100.0, v_leak=0.0, v_th=1.0, v_reset=0.0, dt=1e-3)
+    encoder = ConstantCurrentEncoder(
+        seq_length=40, input_scale=current, tau_mem_inv=100.0, v_leak=0.0, v_th=1.0, v_reset=0.0, dt=1e-3
+    )
     spikes = encoder(torch.ones(1))[:, 0]
     first = int(spikes.nonzero()[0]) + 1  # steps counted from 1
     assert first == first_spike_step(current, 1.0, 0.1)
@@ -44,7 +46,9 @@ def test_constant_current_first_spike_matches_closed_form(current: float) -> Non
 
 
 def test_constant_current_below_rheobase_never_spikes() -> None:
-    encoder = ConstantCurrentEncoder(seq_length=200, input_scale=0.99, tau_mem_inv=100.0, v_leak=0.0, v_th=1.0, v_reset=0.0, dt=1e-3)
+    encoder = ConstantCurrentEncoder(
+        seq_length=200, input_scale=0.99, tau_mem_inv=100.0, v_leak=0.0, v_th=1.0, v_reset=0.0, dt=1e-3
+    )
     assert encoder(torch.ones(3)).sum() == 0
 
 

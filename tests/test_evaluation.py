@@ -23,11 +23,22 @@ from snn_train.train import fit
 
 from conftest import make_mnist, write_idx
 
-LIF = LIFParameters(tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, v_th=1.0, v_reset=0.0, dt=1e-3, surrogate="super", alpha=10.0)
+LIF = LIFParameters(
+    tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, v_th=1.0, v_reset=0.0, dt=1e-3, surrogate="super", alpha=10.0
+)
 LI = LIParameters(tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, dt=1e-3)
 # Spiking from the first step (input_scale 5) and trained a few steps, so every layer's statistics are non-trivial.
-TRAINING = ["seq_length=4", "train.batch_size=16", "train.limit_batches=3", "train.device=cpu", "log.progress_bar=false",
-            "encoder.input_scale=5", "decoder=mean", "optim.lr=5e-3", "data.download=false"]
+TRAINING = [
+    "seq_length=4",
+    "train.batch_size=16",
+    "train.limit_batches=3",
+    "train.device=cpu",
+    "log.progress_bar=false",
+    "encoder.input_scale=5",
+    "decoder=mean",
+    "optim.lr=5e-3",
+    "data.download=false",
+]
 
 
 def eval_config(overrides: list[str]):
@@ -74,7 +85,11 @@ def test_synaptic_operations_match_a_hand_count() -> None:
     fc1[1, 0, 4] = 1  # three spikes into the 4 readout neurons: 12
     trace = {name: LayerTrace(spikes, spikes) for name, spikes in zip(("conv1", "conv2", "fc1"), (conv1, conv2, fc1))}
     operations = net.synaptic_operations(trace)
-    assert {name: ops.tolist() for name, ops in operations.items()} == {"conv1": [24, 0], "conv2": [0, 10], "fc1": [12, 0]}
+    assert {name: ops.tolist() for name, ops in operations.items()} == {
+        "conv1": [24, 0],
+        "conv2": [0, 10],
+        "fc1": [12, 0],
+    }
 
 
 def test_report_matches_the_training_run_and_a_whole_set_forward_pass(run_dir: Path) -> None:
@@ -83,7 +98,12 @@ def test_report_matches_the_training_run_and_a_whole_set_forward_pass(run_dir: P
     assert report["accuracy"] == pytest.approx(final["test_accuracy"])
     assert report["loss"] == pytest.approx(final["test_loss"], rel=1e-5)
     assert report["samples"] == 48 and sum(map(sum, report["confusion_matrix"])) == 48
-    assert (report["epoch"], report["step"], report["time_steps"], report["latency_s"]) == (1, 3, 4, pytest.approx(4e-3))
+    assert (report["epoch"], report["step"], report["time_steps"], report["latency_s"]) == (
+        1,
+        3,
+        4,
+        pytest.approx(4e-3),
+    )
 
     # Independently: the checkpoint's network on all 48 test images in one batch.
     checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
@@ -112,8 +132,17 @@ def test_the_training_runs_spike_count_equals_snn_evals(run_dir: Path) -> None:
 @pytest.mark.slow
 def test_snn_eval_prints_the_report_and_writes_tensorboard_images(run_dir: Path, tmp_path: Path) -> None:
     result = subprocess.run(
-        ["snn-eval", f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", "tensorboard=true", "raster_samples=2", "device=cpu"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            "snn-eval",
+            f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}",
+            "tensorboard=true",
+            "raster_samples=2",
+            "device=cpu",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((run_dir / "checkpoints" / "eval.json").read_text())
@@ -123,7 +152,12 @@ def test_snn_eval_prints_the_report_and_writes_tensorboard_images(run_dir: Path,
     assert list(tmp_path.iterdir()) == []  # nothing written where snn-eval runs
     events = EventAccumulator(str(run_dir / "checkpoints"), size_guidance={"images": 0})
     events.Reload()
-    assert set(events.Tags()["images"]) == {"Eval/confusion_matrix", "Eval/spike_raster/conv1", "Eval/spike_raster/conv2", "Eval/spike_raster/fc1"}
+    assert set(events.Tags()["images"]) == {
+        "Eval/confusion_matrix",
+        "Eval/spike_raster/conv1",
+        "Eval/spike_raster/conv2",
+        "Eval/spike_raster/fc1",
+    }
 
 
 def truncate(file: Path) -> None:
@@ -177,8 +211,14 @@ def test_errors_a_user_can_cause_exit_2_with_one_line(run_dir: Path, tmp_path: P
         ([f"checkpoint={tmp_path / 'nowhere.pt'}"], f"no checkpoint at {tmp_path / 'nowhere.pt'};"),
         ([f"checkpoint={kmnist}"], f"no checkpoint at {kmnist / 'checkpoints' / 'last.pt'};"),
         ([f"checkpoint={run_dir}", "device=gpu"], "device=gpu is not a device"),
-        ([f"checkpoint={run_dir}", "data=kmnist", f"data.root={kmnist}", "data.download=false"], "kmnist test images (1, 20, 20) do not fit the checkpoint's network"),
-        ([f"checkpoint={run_dir}", "data=fashion_mnist", f"data.root={kmnist}", "data.download=false"], "fashion_mnist not found in"),
+        (
+            [f"checkpoint={run_dir}", "data=kmnist", f"data.root={kmnist}", "data.download=false"],
+            "kmnist test images (1, 20, 20) do not fit the checkpoint's network",
+        ),
+        (
+            [f"checkpoint={run_dir}", "data=fashion_mnist", f"data.root={kmnist}", "data.download=false"],
+            "fashion_mnist not found in",
+        ),
     ]
     for overrides, message in cases:
         with pytest.raises(SystemExit) as raised:

@@ -24,7 +24,9 @@ EXPLODING = ["optim.lr=1e37", "scheduler=none", "train.checkpoint_every_n_steps=
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path, tiny_overrides: list[str]) -> None:
     cfg = load_config([*tiny_overrides, *EXPLODING, "train.limit_batches=4"])
-    with pytest.raises(TrainingError, match=re.escape("loss is nan at step 3 (epoch 1, batch 3); stopped, keeping the checkpoints")):
+    with pytest.raises(
+        TrainingError, match=re.escape("loss is nan at step 3 (epoch 1, batch 3); stopped, keeping the checkpoints")
+    ):
         fit(cfg, tmp_path)
     last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert last["loop"]["step"] == 2 and load_checkpoint(tmp_path / "checkpoints" / "previous.pt")["loop"]["step"] == 1
@@ -32,9 +34,13 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: P
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_on_nan_skip_drops_the_updates_of_non_finite_batches_and_counts_them(tmp_path: Path, tiny_overrides: list[str]) -> None:
+def test_on_nan_skip_drops_the_updates_of_non_finite_batches_and_counts_them(
+    tmp_path: Path, tiny_overrides: list[str]
+) -> None:
     two_steps = fit(load_config([*tiny_overrides, *EXPLODING, "train.limit_batches=2"]), tmp_path / "two")
-    skipping = fit(load_config([*tiny_overrides, *EXPLODING, "train.limit_batches=4", "train.on_nan=skip"]), tmp_path / "skip")
+    skipping = fit(
+        load_config([*tiny_overrides, *EXPLODING, "train.limit_batches=4", "train.on_nan=skip"]), tmp_path / "skip"
+    )
     events = EventAccumulator(str(tmp_path / "skip"))
     events.Reload()
     assert [(s.step, s.value) for s in events.Scalars("NaN/skipped_batches")] == [(3, 1.0), (4, 2.0)]
@@ -42,7 +48,10 @@ def test_on_nan_skip_drops_the_updates_of_non_finite_batches_and_counts_them(tmp
     after_four = load_checkpoint(tmp_path / "skip" / "checkpoints" / "last.pt")["model"]
     assert all(torch.equal(after_two[name], after_four[name]) for name in after_two)  # steps 3 and 4 changed nothing
     assert skipping[0].step == 4
-    assert (skipping[0].train_loss, skipping[0].train_accuracy) == (two_steps[0].train_loss, two_steps[0].train_accuracy)
+    assert (skipping[0].train_loss, skipping[0].train_accuracy) == (
+        two_steps[0].train_loss,
+        two_steps[0].train_accuracy,
+    )
 
 
 def test_sigint_checkpoints_at_the_next_step_boundary_and_stops(tmp_path: Path, tiny_overrides: list[str]) -> None:
@@ -73,7 +82,9 @@ def trained(tmp_path: Path, tiny_overrides: list[str]) -> Path:
 
 def resume(overrides: list[str], run_dir: Path, *changes: str, source: Path | None = None) -> list:
     """Continue the run in ``run_dir`` from ``source`` (default: the run folder itself), as snn-train would."""
-    return fit(load_config([*overrides, "train.limit_batches=2", f"train.resume={source or run_dir}", *changes]), run_dir)
+    return fit(
+        load_config([*overrides, "train.limit_batches=2", f"train.resume={source or run_dir}", *changes]), run_dir
+    )
 
 
 @pytest.mark.parametrize(
@@ -84,7 +95,9 @@ def resume(overrides: list[str], run_dir: Path, *changes: str, source: Path | No
         (lambda data: b"PK\x03\x04 not a zip archive" * 64, "is not a readable checkpoint"),
     ],
 )
-def test_a_damaged_checkpoint_is_reported_by_path_and_the_previous_one_kept(trained: Path, tiny_overrides: list[str], damage, reason: str) -> None:
+def test_a_damaged_checkpoint_is_reported_by_path_and_the_previous_one_kept(
+    trained: Path, tiny_overrides: list[str], damage, reason: str
+) -> None:
     last, previous = trained / "checkpoints" / "last.pt", trained / "checkpoints" / "previous.pt"
     kept = previous.read_bytes()
     last.write_bytes(damage(last.read_bytes()))
@@ -97,7 +110,9 @@ def test_a_damaged_checkpoint_is_reported_by_path_and_the_previous_one_kept(trai
 
 def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path: Path, tiny_overrides: list[str]) -> None:
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="other.pt is not an snn-train checkpoint .it lacks model, config, epoch, step"):
+    with pytest.raises(
+        CheckpointError, match="other.pt is not an snn-train checkpoint .it lacks model, config, epoch, step"
+    ):
         resume(tiny_overrides, tmp_path / "run", source=tmp_path / "other.pt")
     before_resume = {"model": {}, "optimizer": {}, "scheduler": None, "config": {}, "rng": {}, "epoch": 1, "step": 2}
     torch.save(before_resume, tmp_path / "old.pt")  # what snn-train wrote before it could resume
@@ -112,16 +127,23 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path: Path, tiny_overrid
     [
         (["seq_length=8"], "seq_length (4 → 8)"),
         (["model=tanh"], "model.surrogate (super → tanh)"),
-        (["model.conv_channels=[8,64]", "data=kmnist"], "data.name (mnist → kmnist); model.conv_channels ([32, 64] → [8, 64])"),
+        (
+            ["model.conv_channels=[8,64]", "data=kmnist"],
+            "data.name (mnist → kmnist); model.conv_channels ([32, 64] → [8, 64])",
+        ),
         (["optim.lr=0.1"], "optim.lr (0.002 → 0.1)"),
     ],
 )
-def test_resuming_with_a_config_the_checkpoint_depends_on_is_refused(trained: Path, tiny_overrides: list[str], changes: list[str], differences: str) -> None:
+def test_resuming_with_a_config_the_checkpoint_depends_on_is_refused(
+    trained: Path, tiny_overrides: list[str], changes: list[str], differences: str
+) -> None:
     with pytest.raises(ConfigError, match=re.escape(differences)):
         resume(tiny_overrides, trained, *changes)
 
 
-def test_resuming_with_more_epochs_and_other_logging_continues_the_run(trained: Path, tiny_overrides: list[str]) -> None:
+def test_resuming_with_more_epochs_and_other_logging_continues_the_run(
+    trained: Path, tiny_overrides: list[str]
+) -> None:
     first = load_checkpoint(trained / "checkpoints" / "last.pt")
     history = resume(tiny_overrides, trained, "train.epochs=2", "log.every_n_steps=2", "train.eval_batch_size=7")
     assert [(e.epoch, e.step) for e in history] == [(1, 2), (2, 4)]

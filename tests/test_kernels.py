@@ -35,7 +35,9 @@ COMPILED = [False, pytest.param(True, marks=pytest.mark.slow)]  # torch.compile 
 @pytest.mark.parametrize("surrogate", sorted(SURROGATES))
 @pytest.mark.parametrize("values", PARAMETERS)
 @pytest.mark.parametrize("seq_length, shape", [(1, SHAPES[0]), (8, SHAPES[1]), (37, SHAPES[2])])
-def test_fused_lif_equals_the_step_loop(surrogate: str, values: dict, seq_length: int, shape: tuple[int, ...], compiled: bool) -> None:
+def test_fused_lif_equals_the_step_loop(
+    surrogate: str, values: dict, seq_length: int, shape: tuple[int, ...], compiled: bool
+) -> None:
     p = LIFParameters(**values, surrogate=surrogate, alpha=0.3 if surrogate == "circ" else 5.0)
     torch.manual_seed(seq_length)
     currents = (torch.rand(seq_length, *shape) * 3 - 0.5).requires_grad_()
@@ -53,7 +55,9 @@ def test_fused_lif_equals_the_step_loop(surrogate: str, values: dict, seq_length
 
 @pytest.mark.parametrize("values", PARAMETERS)
 def test_matrix_leaky_integrator_equals_the_step_loop(values: dict) -> None:
-    p = LIParameters(tau_syn_inv=values["tau_syn_inv"], tau_mem_inv=values["tau_mem_inv"], v_leak=values["v_leak"], dt=values["dt"])
+    p = LIParameters(
+        tau_syn_inv=values["tau_syn_inv"], tau_mem_inv=values["tau_mem_inv"], v_leak=values["v_leak"], dt=values["dt"]
+    )
     currents = torch.randn(23, 3, 10, requires_grad=True)
     upstream = torch.randn(23, 3, 10)
     voltages = li_sequence(currents, p)
@@ -103,7 +107,13 @@ def test_any_memory_layout_gives_the_contiguous_result(layout: str) -> None:
     torch.manual_seed(1)
     step = torch.rand(3, 4, 5, 6) * 3
     if layout == "channels_last":
-        currents = torch.rand(7, 3, 4, 5, 6).mul(3).flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (7, 3))
+        currents = (
+            torch.rand(7, 3, 4, 5, 6)
+            .mul(3)
+            .flatten(0, 1)
+            .contiguous(memory_format=torch.channels_last)
+            .unflatten(0, (7, 3))
+        )
     else:
         currents = step.expand(7, -1, -1, -1, -1)
     currents = currents.detach().requires_grad_()
@@ -144,8 +154,13 @@ def learned_values(tau_mem_inv: float | None, v_th: float | None, dtype: torch.d
 
 
 def fused_and_reference_with_learned_values(
-    p: LIFParameters, seq_length: int, shape: tuple[int, ...], tau_mem_inv: float | None, v_th: float | None,
-    compiled: bool, dtype: torch.dtype = torch.float32,
+    p: LIFParameters,
+    seq_length: int,
+    shape: tuple[int, ...],
+    tau_mem_inv: float | None,
+    v_th: float | None,
+    compiled: bool,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """(spikes, voltages, gradients of currents and of each learned value) of the fused kernel and of the step loop."""
     torch.manual_seed(seq_length)
@@ -181,7 +196,9 @@ def test_learned_time_constant_and_threshold_get_the_step_loop_gradients(surroga
 def test_learned_value_gradients_equal_autograd_to_float64_precision(surrogate: str) -> None:
     p = LIFParameters(**PARAMETERS[2], surrogate=surrogate, alpha=0.3 if surrogate == "circ" else 5.0)
     for (seq_length, shape), tau_mem_inv, v_th in LEARNED:
-        fused, reference = fused_and_reference_with_learned_values(p, seq_length, shape, tau_mem_inv, v_th, False, torch.float64)
+        fused, reference = fused_and_reference_with_learned_values(
+            p, seq_length, shape, tau_mem_inv, v_th, False, torch.float64
+        )
         assert torch.equal(fused[0], reference[0])
         for actual, expected in zip(fused[1:], reference[1:]):
             assert relative_error(actual, expected) <= 1e-12

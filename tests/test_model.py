@@ -25,7 +25,16 @@ def seed_network() -> ConvSNN:
         fc_features=[64],
         num_classes=10,
         readout_bias=False,
-        lif=LIFParameters(tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, v_th=1.0, v_reset=0.0, dt=1e-3, surrogate="super", alpha=10.0),
+        lif=LIFParameters(
+            tau_syn_inv=200.0,
+            tau_mem_inv=100.0,
+            v_leak=0.0,
+            v_th=1.0,
+            v_reset=0.0,
+            dt=1e-3,
+            surrogate="super",
+            alpha=10.0,
+        ),
         readout=LIParameters(tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, dt=1e-3),
     )
 
@@ -51,15 +60,26 @@ def test_repeated_input_equals_the_same_input_given_at_every_step() -> None:
 
 
 # A low threshold, so that a small network's every layer spikes.
-LIF_PARAMETERS = LIFParameters(tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, v_th=0.25, v_reset=0.0, dt=1e-3, surrogate="super", alpha=10.0)
+LIF_PARAMETERS = LIFParameters(
+    tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, v_th=0.25, v_reset=0.0, dt=1e-3, surrogate="super", alpha=10.0
+)
 
 
 def small_network(**features: object) -> ConvSNN:
     """A 16×16-input two-conv network with the given optional features, seeded; every layer spikes."""
     torch.manual_seed(0)
     return ConvSNN(
-        (1, 16, 16), [4, 6], [3, 3], [1.0, 10.0], 2, [24], 10, False, LIF_PARAMETERS,
-        LIParameters(tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, dt=1e-3), **features,
+        (1, 16, 16),
+        [4, 6],
+        [3, 3],
+        [1.0, 10.0],
+        2,
+        [24],
+        10,
+        False,
+        LIF_PARAMETERS,
+        LIParameters(tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, dt=1e-3),
+        **features,
     )
 
 
@@ -77,7 +97,9 @@ def test_a_network_learning_time_constants_and_thresholds_starts_as_the_fixed_on
     x = torch.rand(6, 3, 1, 16, 16) * 8
     fixed, learning = small_network(), small_network(learn_tau_mem=True, learn_v_th=True)
     missing, unexpected = learning.load_state_dict(fixed.state_dict(), strict=False)
-    assert sorted(missing) == [f"{layer}.{name}" for layer in ("conv_lifs.0", "conv_lifs.1", "fc_lifs.0") for name in ("tau_mem_logit", "v_th")]
+    assert sorted(missing) == [
+        f"{layer}.{name}" for layer in ("conv_lifs.0", "conv_lifs.1", "fc_lifs.0") for name in ("tau_mem_logit", "v_th")
+    ]
     assert not unexpected
     trace, fixed_trace = {}, {}
     assert torch.equal(learning(x, trace), fixed(x, fixed_trace))
@@ -115,7 +137,10 @@ def repeated_and_explicit(
 
 def test_a_repeated_input_is_batch_normalised_as_the_same_input_at_every_step() -> None:
     torch.manual_seed(3)
-    images, conv = torch.rand(4, 2, 9, 9), nn.Conv2d(2, 3, 3, bias=False)  # with a bias: its gradient is 0 up to rounding
+    images, conv = (
+        torch.rand(4, 2, 9, 9),
+        nn.Conv2d(2, 3, 3, bias=False),
+    )  # with a bias: its gradient is 0 up to rounding
     (out, grads, _), (ref_out, ref_grads, _) = repeated_and_explicit(images, conv, nn.BatchNorm2d(3))
     assert out.stride(0) == 0  # convolved and normalised once
     assert torch.allclose(out, ref_out, rtol=1e-5, atol=1e-5)

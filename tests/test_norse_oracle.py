@@ -25,7 +25,9 @@ PARAMETER_SETS = [
 
 
 def norse_parameters(values: dict[str, float]) -> norse_lif.LIFParameters:
-    return norse_lif.LIFParameters(**{k: torch.as_tensor(v) for k, v in values.items()}, method="super", alpha=torch.as_tensor(100.0))
+    return norse_lif.LIFParameters(
+        **{k: torch.as_tensor(v) for k, v in values.items()}, method="super", alpha=torch.as_tensor(100.0)
+    )
 
 
 @pytest.mark.parametrize("values", PARAMETER_SETS)
@@ -33,7 +35,9 @@ def norse_parameters(values: dict[str, float]) -> norse_lif.LIFParameters:
 def test_lif_forward_equals_norse(values: dict[str, float], dt: float) -> None:
     torch.manual_seed(1)
     currents = torch.rand(30, 8, 17) * 4 - 0.5
-    spikes, voltages = lif_sequence(currents, LIFParameters(**values, dt=dt, surrogate="super", alpha=100.0), record_voltage=True)
+    spikes, voltages = lif_sequence(
+        currents, LIFParameters(**values, dt=dt, surrogate="super", alpha=100.0), record_voltage=True
+    )
     state = norse_lif.LIFFeedForwardState(v=torch.full((8, 17), values["v_leak"]), i=torch.zeros(8, 17))
     for t in range(30):
         z, state = norse_lif.lif_feed_forward_step(currents[t], state, norse_parameters(values), dt=dt)
@@ -59,8 +63,13 @@ def test_constant_current_encoder_equals_norse(values: dict[str, float]) -> None
     torch.manual_seed(3)
     images = torch.rand(6, 1, 7, 7)
     encoder = ConstantCurrentEncoder(
-        seq_length=50, input_scale=3.0, tau_mem_inv=values["tau_mem_inv"], v_leak=values["v_leak"],
-        v_th=values["v_th"], v_reset=values["v_reset"], dt=1e-3,
+        seq_length=50,
+        input_scale=3.0,
+        tau_mem_inv=values["tau_mem_inv"],
+        v_leak=values["v_leak"],
+        v_th=values["v_th"],
+        v_reset=values["v_reset"],
+        dt=1e-3,
     )
     expected = constant_current_lif_encode(images * 3.0, 50, norse_parameters(values), dt=1e-3)
     assert torch.equal(encoder(images), expected)

@@ -17,11 +17,15 @@ ROOT = Path(__file__).parents[1]
 def test_wheel_ships_every_config_file(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
-        check=True, capture_output=True, timeout=300,
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     (wheel,) = tmp_path.glob("snn_train-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {f"snn_train/conf/{path.relative_to(ROOT / 'configs').as_posix()}" for path in (ROOT / "configs").rglob("*.yaml")}
+    expected = {
+        f"snn_train/conf/{path.relative_to(ROOT / 'configs').as_posix()}" for path in (ROOT / "configs").rglob("*.yaml")
+    }
     assert len(expected) >= 17
     assert expected <= names
     assert "snn_train/cli.py" in names

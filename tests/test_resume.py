@@ -21,9 +21,19 @@ KILL_CHILD = Path(__file__).with_name("kill_child.py")
 # Poisson input, random augmentation and dropout so the random states matter, batch norm so its running statistics
 # must survive, and a network that learns so the weights move.
 RUN = [
-    "encoder=poisson", "model.lif.alpha=10", "encoder.input_scale=5", "seq_length=4", "decoder=mean", "optim.lr=5e-3",
-    "augment.shift=1", "augment.rotate=5", "model.dropout=0.1", "model.batch_norm=true",
-    "train.epochs=3", "train.checkpoint_every_n_steps=4", "log.histogram_every_n_steps=5",
+    "encoder=poisson",
+    "model.lif.alpha=10",
+    "encoder.input_scale=5",
+    "seq_length=4",
+    "decoder=mean",
+    "optim.lr=5e-3",
+    "augment.shift=1",
+    "augment.rotate=5",
+    "model.dropout=0.1",
+    "model.batch_norm=true",
+    "train.epochs=3",
+    "train.checkpoint_every_n_steps=4",
+    "log.histogram_every_n_steps=5",
 ]
 COMPARED = ("epoch", "step", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "test_spikes_per_sample")
 
@@ -48,7 +58,9 @@ def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     return [(s.step, s.value) for s in events.Scalars(tag)]
 
 
-def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path: Path, tiny_overrides: list[str]) -> None:
+def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(
+    tmp_path: Path, tiny_overrides: list[str]
+) -> None:
     overrides = [*tiny_overrides, *RUN]
     reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
     reference = start([*overrides, f"hydra.run.dir={reference_dir}"], tmp_path)
@@ -84,16 +96,23 @@ def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path:
     assert finish(reference)[0] == 0
     assert not (tmp_path / "outputs").exists()  # every resumed session wrote into the run's own folder
 
-    expected, resumed = load_checkpoint(reference_dir / "checkpoints" / "last.pt"), load_checkpoint(checkpoints / "last.pt")
+    expected, resumed = (
+        load_checkpoint(reference_dir / "checkpoints" / "last.pt"),
+        load_checkpoint(checkpoints / "last.pt"),
+    )
     assert expected["model"].keys() == resumed["model"].keys()
     assert expected["model"]["norms.0.num_batches_tracked"] == 18  # the running statistics are compared below
     assert all(torch.equal(expected["model"][name], resumed["model"][name]) for name in expected["model"])
-    for expected_state, resumed_state in zip(expected["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+    for expected_state, resumed_state in zip(
+        expected["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()
+    ):
         assert all(torch.equal(expected_state[key], resumed_state[key]) for key in expected_state)
 
     expected_epochs = json.loads((reference_dir / "metrics.json").read_text())["epochs"]
     resumed_epochs = json.loads((run_dir / "metrics.json").read_text())["epochs"]
-    assert [{k: e[k] for k in COMPARED} for e in resumed_epochs] == [{k: e[k] for k in COMPARED} for e in expected_epochs]
+    assert [{k: e[k] for k in COMPARED} for e in resumed_epochs] == [
+        {k: e[k] for k in COMPARED} for e in expected_epochs
+    ]
     assert len(resumed_epochs) == 3
 
     for tag in ("Loss/train", "Accuracy/train", "LR", "SpikeRate/fc1", "Loss/test"):
@@ -106,7 +125,12 @@ def test_a_checkpoint_write_that_fails_stops_the_run_in_one_line_and_keeps_the_l
 ) -> None:
     # A checkpoint after every step; the 3rd write (step 3's, at the epoch's end) fails halfway with ENOSPC.
     run_dir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    overrides = [*tiny_overrides, "train.limit_batches=3", "train.checkpoint_every_n_steps=1", f"hydra.run.dir={run_dir}"]
+    overrides = [
+        *tiny_overrides,
+        "train.limit_batches=3",
+        "train.checkpoint_every_n_steps=1",
+        f"hydra.run.dir={run_dir}",
+    ]
     code, stderr = finish(start(overrides, tmp_path, "full:3"))
     assert code == 2
     assert stderr == f"snn-train: error: cannot write {checkpoints / 'last.pt'} (No space left on device)\n"

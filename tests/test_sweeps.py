@@ -29,7 +29,17 @@ def job_dirs(outputs: Path) -> list[Path]:
 
 def test_joblib_launcher_runs_a_two_job_sweep(tmp_path: Path, tiny_overrides: list[str]) -> None:
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    result = snn_train(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model=super,tanh", *tiny_overrides, "train.limit_batches=1"], tmp_path)
+    result = snn_train(
+        [
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "model=super,tanh",
+            *tiny_overrides,
+            "train.limit_batches=1",
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     jobs = job_dirs(tmp_path / "outputs" / "multirun")
     assert [job.name for job in jobs] == ["0", "1"]
@@ -41,7 +51,9 @@ def test_joblib_launcher_runs_a_two_job_sweep(tmp_path: Path, tiny_overrides: li
 
 def test_optuna_preset_searches_and_reports_the_best_test_accuracy(tmp_path: Path, tiny_overrides: list[str]) -> None:
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    result = snn_train(["hparams_search=optuna", "hydra.sweeper.n_trials=2", *tiny_overrides, "train.limit_batches=1"], tmp_path)
+    result = snn_train(
+        ["hparams_search=optuna", "hydra.sweeper.n_trials=2", *tiny_overrides, "train.limit_batches=1"], tmp_path
+    )
     assert result.returncode == 0, result.stderr
     jobs = job_dirs(tmp_path / "outputs" / "multirun")
     assert [job.name for job in jobs] == ["0", "1"]
@@ -51,7 +63,10 @@ def test_optuna_preset_searches_and_reports_the_best_test_accuracy(tmp_path: Pat
         config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
         assert config["seq_length"] == 4  # fixed on the command line, so not searched
         assert float(overrides["optim.lr"]) == config["optim"]["lr"] and 3e-4 <= config["optim"]["lr"] <= 1e-2
-        assert float(overrides["model.lif.v_th"]) == config["model"]["lif"]["v_th"] and 0.5 <= config["model"]["lif"]["v_th"] <= 2.0
+        assert (
+            float(overrides["model.lif.v_th"]) == config["model"]["lif"]["v_th"]
+            and 0.5 <= config["model"]["lif"]["v_th"] <= 2.0
+        )
         accuracies.append(json.loads((job / "metrics.json").read_text())["final"]["test_accuracy"])
     results = yaml.safe_load((jobs[0].parent / "optimization_results.yaml").read_text())
     assert results["best_value"] == pytest.approx(max(accuracies))
@@ -59,13 +74,25 @@ def test_optuna_preset_searches_and_reports_the_best_test_accuracy(tmp_path: Pat
 
     summary = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "summarize_sweep.py"), str(jobs[0].parent), "--markdown"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     header, rule, *rows = summary.stdout.splitlines()
     columns = header.strip("| ").split(" | ")
-    assert columns[:7] == ["overrides", "seq_length", "epochs", "steps", "test_accuracy", "test_loss", "spikes_per_sample"]
+    assert columns[:7] == [
+        "overrides",
+        "seq_length",
+        "epochs",
+        "steps",
+        "test_accuracy",
+        "test_loss",
+        "spikes_per_sample",
+    ]
     cells = [dict(zip(columns, row.strip("| ").split(" | "), strict=True)) for row in rows]
-    assert len(cells) == 2 and all("optim.lr=" in c["overrides"] and "hparams_search=optuna" in c["overrides"] for c in cells)
+    assert len(cells) == 2 and all(
+        "optim.lr=" in c["overrides"] and "hparams_search=optuna" in c["overrides"] for c in cells
+    )
     finals = [json.loads((job / "metrics.json").read_text())["final"] for job in jobs]
     assert sorted((c["epochs"], c["spikes_per_sample"]) for c in cells) == sorted(
         (str(final["epoch"]), str(round(final["test_spikes_per_sample"], 1))) for final in finals
@@ -74,7 +101,12 @@ def test_optuna_preset_searches_and_reports_the_best_test_accuracy(tmp_path: Pat
 
 def test_slurm_preset_takes_partition_gpus_and_time_limit_as_overrides() -> None:
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    overrides = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4", "hydra.launcher.timeout_min=30"]
+    overrides = [
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.gpus_per_node=4",
+        "hydra.launcher.timeout_min=30",
+    ]
     cfg = compose("config", overrides, return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"

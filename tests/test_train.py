@@ -64,11 +64,21 @@ def test_hydra_main_returns_the_final_test_accuracy(tmp_path: Path, tiny_overrid
 
 
 def test_network_from_plain_arguments_backpropagates_per_time_step_gradients() -> None:
-    lif = LIFParameters(tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, v_th=1.0, v_reset=0.0, dt=1e-3, surrogate="super", alpha=10.0)
+    lif = LIFParameters(
+        tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, v_th=1.0, v_reset=0.0, dt=1e-3, surrogate="super", alpha=10.0
+    )
     readout = LIParameters(tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, dt=1e-3)
     network = ConvSNN(
-        input_shape=(1, 32, 32), conv_channels=[32, 64], kernel_sizes=[5, 5], conv_scales=[1.0, 10.0], pool_size=2,
-        fc_features=[1024], num_classes=10, readout_bias=False, lif=lif, readout=readout,
+        input_shape=(1, 32, 32),
+        conv_channels=[32, 64],
+        kernel_sizes=[5, 5],
+        conv_scales=[1.0, 10.0],
+        pool_size=2,
+        fc_features=[1024],
+        num_classes=10,
+        readout_bias=False,
+        lif=lif,
+        readout=readout,
     )
     assert network.fcs[0].in_features == 64 * 5 * 5
     torch.manual_seed(0)
@@ -116,7 +126,9 @@ def test_per_step_loss_is_the_mean_over_time_of_each_steps_cross_entropy() -> No
     voltages, labels = torch.randn(5, 7, 10), torch.randint(0, 10, (7,))
     logits = decode(voltages, "max")
     expected = sum(F.cross_entropy(voltages[t], labels, reduction="sum") for t in range(5)) / 5
-    assert objective(voltages, logits, labels, loss_cfg(per_step=True)).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert objective(voltages, logits, labels, loss_cfg(per_step=True)).item() == pytest.approx(
+        expected.item(), rel=1e-6
+    )
     assert objective(voltages, logits, labels, loss_cfg(per_step=False)).item() == pytest.approx(
         F.cross_entropy(logits, labels, reduction="sum").item(), rel=1e-6
     )
@@ -131,7 +143,9 @@ def test_label_smoothing_mixes_in_the_mean_cross_entropy_over_all_classes(per_st
     log_p = torch.log_softmax(scored, dim=-1)  # [steps, B, classes]
     true_class = -log_p.gather(-1, labels.expand(len(scored), -1).unsqueeze(-1)).squeeze(-1)
     expected = ((1 - 0.2) * true_class + 0.2 * -log_p.mean(-1)).sum() / len(scored)
-    assert objective(voltages, logits, labels, loss_cfg(per_step, 0.2)).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert objective(voltages, logits, labels, loss_cfg(per_step, 0.2)).item() == pytest.approx(
+        expected.item(), rel=1e-6
+    )
 
 
 def scheduled_rates(scheduler_cfg: list[str], steps_per_epoch: int, lr: float = 0.1) -> list[float]:
@@ -156,20 +170,30 @@ def test_cosine_without_warm_up_is_torchs_cosine_annealing() -> None:
         expected.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         cosine.step()
-    assert scheduled_rates(["scheduler=cosine", "warmup_epochs=0", "train.epochs=2"], 7) == pytest.approx(expected, rel=1e-6, abs=1e-12)
-    assert [0.1 * learning_rate_factor(step, 14, 0, "cosine") for step in range(15)] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert scheduled_rates(["scheduler=cosine", "warmup_epochs=0", "train.epochs=2"], 7) == pytest.approx(
+        expected, rel=1e-6, abs=1e-12
+    )
+    assert [0.1 * learning_rate_factor(step, 14, 0, "cosine") for step in range(15)] == pytest.approx(
+        expected, rel=1e-6, abs=1e-12
+    )
 
 
 def test_warm_up_rises_linearly_to_the_full_rate_then_anneals_to_zero() -> None:
     total, warmup = 20, 5
     factors = [learning_rate_factor(step, total, warmup, "cosine") for step in range(total + 1)]
     assert factors[:warmup] == pytest.approx([(step + 1) / warmup for step in range(warmup)])
-    assert factors[warmup:] == pytest.approx([0.5 * (1 + math.cos(math.pi * s / (total - warmup))) for s in range(total - warmup + 1)])
+    assert factors[warmup:] == pytest.approx(
+        [0.5 * (1 + math.cos(math.pi * s / (total - warmup))) for s in range(total - warmup + 1)]
+    )
     assert factors[warmup] == 1 and factors[-1] == pytest.approx(0, abs=1e-12)
     assert all(a > b for a, b in zip(factors[warmup:], factors[warmup + 1 :]))
-    assert [learning_rate_factor(step, total, warmup, "none") for step in range(warmup - 1, total + 1)] == [1.0] * (total - warmup + 2)
+    assert [learning_rate_factor(step, total, warmup, "none") for step in range(warmup - 1, total + 1)] == [1.0] * (
+        total - warmup + 2
+    )
     # warmup_epochs=0.5 of 8 steps per epoch: 4 steps of warm-up; then the rate stays at optim.lr without a cosine
-    assert scheduled_rates(["scheduler=none", "warmup_epochs=0.5", "train.epochs=1"], 8) == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+    assert scheduled_rates(["scheduler=none", "warmup_epochs=0.5", "train.epochs=1"], 8) == pytest.approx(
+        [0.025, 0.05, 0.075, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
+    )
 
 
 def test_a_constant_rate_needs_no_scheduler() -> None:
@@ -181,14 +205,26 @@ def test_a_constant_rate_needs_no_scheduler() -> None:
 def test_weight_decay_shrinks_weights_but_not_biases_norms_thresholds_or_time_constants(optim: str) -> None:
     cfg = load_config([f"optim={optim}", "optim.lr=0.01", "optim.weight_decay=0.1"])
     network = ConvSNN.from_config(
-        load_config(["model.conv_channels=[4,6]", "model.kernel_sizes=[3,3]", "model.fc_features=[16]", "model.batch_norm=true",
-                     "model.learn_tau_mem=true", "model.learn_v_th=true"]).model, (1, 16, 16),
+        load_config(
+            [
+                "model.conv_channels=[4,6]",
+                "model.kernel_sizes=[3,3]",
+                "model.fc_features=[16]",
+                "model.batch_norm=true",
+                "model.learn_tau_mem=true",
+                "model.learn_v_th=true",
+            ]
+        ).model,
+        (1, 16, 16),
     )
     optimizer = build_optimizer(network, cfg.optim)
     names = {id(p): name for name, p in network.named_parameters()}
     decayed, kept = ({names[id(p)] for p in group["params"]} for group in optimizer.param_groups)
     assert decayed == {"convs.0.weight", "convs.1.weight", "fcs.0.weight", "readout_linear.weight"}
-    assert decayed | kept == set(names.values()) and {"norms.0.weight", "conv_lifs.0.v_th", "fc_lifs.0.tau_mem_logit"} <= kept
+    assert (
+        decayed | kept == set(names.values())
+        and {"norms.0.weight", "conv_lifs.0.v_th", "fc_lifs.0.tau_mem_logit"} <= kept
+    )
     assert [group["weight_decay"] for group in optimizer.param_groups] == [0.1, 0.0]
 
     before = {name: p.detach().clone() for name, p in network.named_parameters()}
@@ -200,7 +236,9 @@ def test_weight_decay_shrinks_weights_but_not_biases_norms_thresholds_or_time_co
             assert torch.equal(p, before[name]), name
         elif optim == "adam":  # L2 in the gradient g = decay·w: Adam's first step is lr·g/(|g| + eps), towards 0
             decay_gradient = 0.1 * before[name]
-            assert torch.allclose(p, before[name] - 0.01 * decay_gradient / (decay_gradient.abs() + 1e-8), atol=1e-7), name
+            assert torch.allclose(p, before[name] - 0.01 * decay_gradient / (decay_gradient.abs() + 1e-8), atol=1e-7), (
+                name
+            )
         else:  # decoupled (AdamW), or L2 times lr (SGD's first step): w·(1 - lr·decay)
             assert torch.allclose(p, before[name] * (1 - 0.01 * 0.1), rtol=1e-6), name
 
