@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,28 +22,44 @@ if TYPE_CHECKING:
 
 SOURCE = Path(__file__).with_name("lif_cpu.cpp")
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}  # lif_cpu.cpp's DType codes
+# Vector instructions by the capability torch finds in this CPU (AVX-512 measured no faster than AVX2 here).
+VECTOR_FLAGS = {"AVX2": ["-mavx2"], "AVX512": ["-mavx2"]}
 SURROGATE_KINDS = {"super": 0, "tanh": 1, "triangle": 2, "circ": 3, "erfc": 4, "atan": 5}  # its Surrogate codes
 
 _POINTER, _INT64, _DOUBLE, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
 
 
+@dataclass(frozen=True)
+class Pooling:
+    """p×p max-pooling of each step, whose values lie in memory as [outer, H, W, inner] (H, W multiples of p)."""
+
+    size: int  # p
+    width: int  # W
+    inner: int  # the values per (h, w): the channels in channels-last order, 1 in contiguous order
+
+
+NO_POOLING = Pooling(1, 1, 1)
+
+
 @functools.cache
 def library() -> ctypes.CDLL:
-    """lif_cpu.cpp, built on first use (IEEE arithmetic: no contraction into fused multiply-adds, so spikes equal the
-    reference's) with OpenMP, which resolves to torch's own runtime and thread count."""
+    """lif_cpu.cpp, built on first use for this CPU's vector instructions (IEEE arithmetic: no contraction into fused
+    multiply-adds, so spikes equal the reference's) with OpenMP, which resolves to torch's own runtime and thread
+    count."""
     from torch.utils import cpp_extension  # imported here: it takes a while and only this build needs it
 
+    vector = VECTOR_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
     path = cpp_extension.load(
-        "snn_train_lif_cpu",
+        "_".join(["snn_train_lif_cpu", *(flag.removeprefix("-m") for flag in vector)]),  # one build per instruction set
         sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"],
+        extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *vector],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
     )
     lib = ctypes.CDLL(path)
-    lib.lif_forward.argtypes = [_INT, _POINTER, _INT64, _INT64, _INT64, _POINTER, _POINTER, *[_DOUBLE] * 5, _INT]
+    lib.lif_forward.argtypes = [_INT, _POINTER, *[_INT64] * 6, _POINTER, _POINTER, *[_DOUBLE] * 5, _INT]
     lib.lif_backward.argtypes = [
-        *[_INT, _POINTER, _INT64, _POINTER, _INT64, _INT64, _INT64, _POINTER],
+        *[_INT, _POINTER, _INT64, _POINTER, *[_INT64] * 6, _INT, _POINTER],
         *[_DOUBLE] * 6,
         *[_INT, _INT, ctypes.POINTER(_DOUBLE), ctypes.POINTER(_DOUBLE), _INT],
     ]
@@ -65,11 +82,14 @@ def _rates(p: LIFParameters) -> tuple[float, float, float, float, float]:
     return p.dt * p.tau_mem_inv, p.dt * p.tau_syn_inv, p.v_leak, p.v_th, p.v_reset
 
 
-def forward(steps: torch.Tensor, p: LIFParameters, record_voltage: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Spikes [T, N] in the currents' dtype and, if asked, post-reset voltages [T, N] in the state's precision, for
-    ``steps`` [T, ...]: each step dense in memory (its own stride over T, 0 for an input repeated over time)."""
+def forward(
+    steps: torch.Tensor, p: LIFParameters, record_voltage: bool, pooling: Pooling = NO_POOLING
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Spikes [T, N] in the currents' dtype (max-pooled, [T, N/p²], with ``pooling``) and, if asked, post-reset
+    voltages [T, N] in the state's precision, for ``steps`` [T, ...]: each step dense in memory (its own stride over T,
+    0 for an input repeated over time)."""
     T, N = len(steps), steps[0].numel()
-    spikes = torch.empty(T, N, dtype=steps.dtype)
+    spikes = torch.empty(T, N // pooling.size**2, dtype=steps.dtype)
     voltages = torch.empty(T, N, dtype=state_dtype(steps.dtype)) if record_voltage else None
     library().lif_forward(
         DTYPES[steps.dtype],
@@ -77,6 +97,9 @@ def forward(steps: torch.Tensor, p: LIFParameters, record_voltage: bool) -> tupl
         steps.stride(0),
         T,
         N,
+        pooling.width,
+        pooling.inner,
+        pooling.size,
         spikes.data_ptr(),
         None if voltages is None else voltages.data_ptr(),
         *_rates(p),
@@ -86,12 +109,18 @@ def forward(steps: torch.Tensor, p: LIFParameters, record_voltage: bool) -> tupl
 
 
 def backward(
-    steps: torch.Tensor, grad_spikes: torch.Tensor, p: LIFParameters, learned: bool
+    steps: torch.Tensor,
+    grad_spikes: torch.Tensor,
+    p: LIFParameters,
+    learned: bool,
+    pooling: Pooling = NO_POOLING,
+    sum_over_time: bool = False,
 ) -> tuple[torch.Tensor, float, float]:
-    """The gradient of the currents [T, N] (their dtype) from that of the spikes (in that dtype, each step dense in the
-    same memory order as the currents'), and those of dt·τm⁻¹ and v_th (0.0 unless ``learned``)."""
+    """The gradient of the currents [T, N] in their dtype (or, ``sum_over_time``, its sum over the steps, [N]) from
+    that of ``forward``'s spikes (in that dtype, each step dense in the same memory order as the currents'), and those
+    of dt·τm⁻¹ and v_th (0.0 unless ``learned``)."""
     T, N = len(steps), steps[0].numel()
-    grad_currents = torch.empty(T, N, dtype=steps.dtype)
+    grad_currents = torch.empty(N if sum_over_time else (T, N), dtype=steps.dtype)
     grad_a, grad_v_th = ctypes.c_double(), ctypes.c_double()
     library().lif_backward(
         DTYPES[steps.dtype],
@@ -101,6 +130,10 @@ def backward(
         grad_spikes.stride(0),
         T,
         N,
+        pooling.width,
+        pooling.inner,
+        pooling.size,
+        sum_over_time,
         grad_currents.data_ptr(),
         *_rates(p),
         p.alpha,

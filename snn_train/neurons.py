@@ -7,9 +7,11 @@ steps and are the oracles every fast kernel (eager, compiled, C++, Triton) is te
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
+from torch.nn import functional as F
 
 from snn_train import lif_cpu
 from snn_train.lif_backward import lif_backward
@@ -198,22 +200,42 @@ class _FusedLIFSequence(torch.autograd.Function):
         return grad_currents, None, None, None, *learned_grads
 
 
+def _pooling(step_shape: torch.Size, order: list[int], size: int) -> lif_cpu.Pooling | None:
+    """How lif_cpu's kernels pool the last two dims (H, W) of steps [..., H, W] laid out in ``order``: None where they
+    cannot (H or W not a multiple of ``size``, or H and W not next to each other in memory) or would be slower than
+    max_pool2d (fewer than 8 values, one vector, per (h, w) position: channels-last pools fast, contiguous does not)."""
+    h, w = len(step_shape) - 2, len(step_shape) - 1
+    if size == 1:
+        return lif_cpu.NO_POOLING
+    if step_shape[h] % size or step_shape[w] % size or order.index(w) != order.index(h) + 1:
+        return None
+    inner = math.prod(step_shape[d] for d in order[order.index(w) + 1 :])
+    return lif_cpu.Pooling(size, step_shape[w], inner) if inner >= 8 else None
+
+
+def _pooled_shape(shape: torch.Size, size: int) -> torch.Size:
+    """[T, ..., H, W] after size×size pooling: [T, ..., H/size, W/size]."""
+    return torch.Size([*shape[:-2], shape[-2] // size, shape[-1] // size]) if size > 1 else shape
+
+
 def _run_lif_cpu(
-    currents: torch.Tensor, p: LIFParameters, record_voltage: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
-    """lif_cpu's forward kernel on [T, B, ...]: spikes in the input's dtype and layout, the post-reset voltages if asked
-    (in the state's precision), and the memory order used."""
-    order = _memory_order(currents[0])
-    spikes, voltages = lif_cpu.forward(_dense_steps(currents, order), p, record_voltage)
+    currents: torch.Tensor, p: LIFParameters, record_voltage: bool, pool: int, order: list[int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """lif_cpu's forward kernel on [T, B, ...] laid out in ``order``: the spikes (max-pooled over pool×pool windows of
+    the last two dims, where ``_pooling`` allows) in the input's dtype and layout, and the post-reset voltages if asked
+    (in the state's precision)."""
+    pooling = _pooling(currents.shape[1:], order, pool)
+    spikes, voltages = lif_cpu.forward(_dense_steps(currents, order), p, record_voltage, pooling)
     voltages = None if voltages is None else _unflatten_steps(voltages, currents.shape, order)
-    return _unflatten_steps(spikes, currents.shape, order), voltages, order
+    return _unflatten_steps(spikes, _pooled_shape(currents.shape, pool), order), voltages
 
 
 class _CPULIFSequence(torch.autograd.Function):
-    """All T LIF steps of CPU currents as lif_cpu's two kernels, one pass over memory each.
+    """All T LIF steps of CPU currents (and the max-pooling after them, if any) as lif_cpu's two kernels, one pass over
+    memory each.
 
-    Saves only the currents: the backward kernel recomputes the voltages from them, so a time-invariant input (stride 0
-    over T) keeps one step's worth of memory for backward, and a bfloat16 one two bytes per value.
+    Saves only the currents: the backward kernel recomputes the voltages (and spikes) from them, so a time-invariant
+    input (stride 0 over T) keeps one step's worth of memory for backward, and a bfloat16 one two bytes per value.
     """
 
     @staticmethod
@@ -222,13 +244,15 @@ class _CPULIFSequence(torch.autograd.Function):
         currents: torch.Tensor,
         p: LIFParameters,
         record_voltage: bool,
+        pool: int,
         tau_mem_inv: torch.Tensor | None,
         v_th: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         p = _with_learned(p, tau_mem_inv, v_th)
-        spikes, voltages, order = _run_lif_cpu(currents, p, record_voltage)
+        order = _memory_order(currents[0])
+        spikes, voltages = _run_lif_cpu(currents, p, record_voltage, pool, order)
         ctx.save_for_backward(currents)
-        ctx.p, ctx.order = p, order
+        ctx.p, ctx.pool, ctx.order = p, pool, order
         ctx.learned = tau_mem_inv is not None or v_th is not None
         ctx.learned_dtype = next((value.dtype for value in (tau_mem_inv, v_th) if value is not None), None)
         if voltages is not None:
@@ -239,13 +263,14 @@ class _CPULIFSequence(torch.autograd.Function):
     def backward(ctx, grad_spikes: torch.Tensor, _: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         (currents,) = ctx.saved_tensors
         grad_steps = _dense_steps(grad_spikes.to(currents.dtype), ctx.order)
+        pooling = _pooling(currents.shape[1:], ctx.order, ctx.pool)
         grad_currents, grad_a, grad_v_th = lif_cpu.backward(
-            _dense_steps(currents, ctx.order), grad_steps, ctx.p, ctx.learned
+            _dense_steps(currents, ctx.order), grad_steps, ctx.p, ctx.learned, pooling
         )
         # d loss / d τm⁻¹ = dt · d loss / d(dt·τm⁻¹); a learned value that was not given (None) gets None back
         grads = [torch.tensor(value, dtype=ctx.learned_dtype) for value in (grad_a * ctx.p.dt, grad_v_th)]
-        learned_grads = [grad if needed else None for grad, needed in zip(grads, ctx.needs_input_grad[3:])]
-        return _unflatten_steps(grad_currents, currents.shape, ctx.order), None, None, *learned_grads
+        learned_grads = [grad if needed else None for grad, needed in zip(grads, ctx.needs_input_grad[4:])]
+        return _unflatten_steps(grad_currents, currents.shape, ctx.order), None, None, None, *learned_grads
 
 
 def _with_learned(p: LIFParameters, tau_mem_inv: torch.Tensor | None, v_th: torch.Tensor | None) -> LIFParameters:
@@ -255,6 +280,12 @@ def _with_learned(p: LIFParameters, tau_mem_inv: torch.Tensor | None, v_th: torc
     if v_th is not None:
         p = replace(p, v_th=float(v_th))
     return p
+
+
+def _needs_graph(currents: torch.Tensor, tau_mem_inv: torch.Tensor | None, v_th: torch.Tensor | None) -> bool:
+    """Whether autograd records the layer: it is enabled and the currents or a learned value need gradients."""
+    learned = [value for value in (tau_mem_inv, v_th) if value is not None]
+    return torch.is_grad_enabled() and any(x.requires_grad for x in [currents, *learned])
 
 
 def lif_sequence(
@@ -273,19 +304,55 @@ def lif_sequence(
     step as code generated by torch.compile. ``tau_mem_inv`` and ``v_th``, 0-dim tensors (learned parameters, PLIF
     style), replace ``p``'s values and receive gradients.
     """
-    learned = [value for value in (tau_mem_inv, v_th) if value is not None]
-    needs_graph = torch.is_grad_enabled() and any(x.requires_grad for x in [currents, *learned])
     if compiled and lif_cpu.runs(currents, p.surrogate):
-        if needs_graph:
-            return _CPULIFSequence.apply(currents, p, record_voltage, tau_mem_inv, v_th)
-        spikes, voltages, _ = _run_lif_cpu(currents, _with_learned(p, tau_mem_inv, v_th), record_voltage)
-        return spikes, voltages
-    if needs_graph:
+        return _lif_cpu(currents, p, record_voltage, 1, tau_mem_inv, v_th)
+    if _needs_graph(currents, tau_mem_inv, v_th):
         return _FusedLIFSequence.apply(currents, p, record_voltage, compiled, tau_mem_inv, v_th)
     spikes, _, voltages, _ = _run_lif(
         currents, _with_learned(p, tau_mem_inv, v_th), record_voltage, keep_pre_reset=False
     )
     return spikes, voltages
+
+
+def _lif_cpu(
+    currents: torch.Tensor,
+    p: LIFParameters,
+    record_voltage: bool,
+    pool: int,
+    tau_mem_inv: torch.Tensor | None,
+    v_th: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """lif_cpu's kernels: through autograd where gradients are needed, else the forward kernel alone."""
+    if _needs_graph(currents, tau_mem_inv, v_th):
+        return _CPULIFSequence.apply(currents, p, record_voltage, pool, tau_mem_inv, v_th)
+    return _run_lif_cpu(currents, _with_learned(p, tau_mem_inv, v_th), record_voltage, pool, _memory_order(currents[0]))
+
+
+def max_pool_over_time(spikes: torch.Tensor, size: int) -> torch.Tensor:
+    """size×size max-pooling (stride size) of the last two dims of [T, B, C, H, W], at every step (none for size 1)."""
+    if size == 1:
+        return spikes
+    return F.max_pool2d(spikes.flatten(0, 1), size).unflatten(0, spikes.shape[:2])
+
+
+def lif_pool_sequence(
+    currents: torch.Tensor,
+    p: LIFParameters,
+    pool: int,
+    compiled: bool = False,
+    tau_mem_inv: torch.Tensor | None = None,
+    v_th: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``max_pool_over_time(lif_sequence(currents, ...)[0], pool)`` for [T, B, C, H, W]; with ``compiled``, for CPU
+    currents whose layout lif_cpu can pool, the pooling is done inside its kernels, so the full spikes are never
+    stored and max_pool2d's indices never made (the same spikes and gradients)."""
+    if (
+        compiled
+        and lif_cpu.runs(currents, p.surrogate)
+        and _pooling(currents.shape[1:], _memory_order(currents[0]), pool)
+    ):
+        return _lif_cpu(currents, p, False, pool, tau_mem_inv, v_th)[0]
+    return max_pool_over_time(lif_sequence(currents, p, False, compiled, tau_mem_inv, v_th)[0], pool)
 
 
 def lif_sequence_reference(

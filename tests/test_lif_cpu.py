@@ -10,7 +10,13 @@ import torch
 
 from snn_train import lif_cpu, load_config
 from snn_train.errors import ConfigError
-from snn_train.neurons import LIFParameters, lif_sequence, lif_sequence_reference
+from snn_train.neurons import (
+    LIFParameters,
+    lif_pool_sequence,
+    lif_sequence,
+    lif_sequence_reference,
+    max_pool_over_time,
+)
 from snn_train.task import build_model
 
 P = LIFParameters(
@@ -68,6 +74,45 @@ def saved_bytes(run) -> int:
     return sum(storages.values())
 
 
+# The kernel pools channels-last steps itself; other layouts are pooled by max_pool2d after it.
+POOLED_LAYOUTS = {
+    "channels_last": lambda: torch.rand(6 * 3, 8, 6, 12).contiguous(memory_format=torch.channels_last),
+    "contiguous": lambda: torch.rand(6 * 3, 8, 6, 12),
+    "repeated_over_time": lambda: torch.rand(3, 8, 6, 12).contiguous(memory_format=torch.channels_last),
+    "not_a_multiple": lambda: torch.rand(6 * 3, 8, 7, 12).contiguous(memory_format=torch.channels_last),
+}
+
+
+@pytest.mark.parametrize("learned", [False, True])
+@pytest.mark.parametrize("pool", [2, 3])
+@pytest.mark.parametrize("name", sorted(POOLED_LAYOUTS))
+def test_pooling_inside_the_kernel_gives_the_pooled_step_loop(name: str, pool: int, learned: bool) -> None:
+    torch.manual_seed(pool)
+    made = POOLED_LAYOUTS[name]()
+    currents = made.expand(6, -1, -1, -1, -1) if name == "repeated_over_time" else made.unflatten(0, (6, 3))
+    currents = currents.detach().requires_grad_()
+    values = {"tau_mem_inv": torch.tensor(250.0, requires_grad=True), "v_th": torch.tensor(0.8, requires_grad=True)}
+    values = values if learned else {}
+    inputs = [currents, *values.values()]
+    pooled = lif_pool_sequence(currents, P, pool, compiled=True, **values)
+    upstream = torch.randn(pooled.shape)
+    grads = torch.autograd.grad(pooled, inputs, upstream)
+    unfused = max_pool_over_time(lif_sequence(currents, P, compiled=True, **values)[0], pool)
+    unfused_grads = torch.autograd.grad(unfused, inputs, upstream)
+    reference = max_pool_over_time(lif_sequence_reference(currents, P, **values)[0], pool)
+    reference_grads = torch.autograd.grad(reference, inputs, upstream)
+    assert torch.equal(pooled, reference) and torch.equal(pooled, unfused)
+    assert 0 < pooled.mean() < 1
+    assert torch.equal(grads[0], unfused_grads[0])  # the same arithmetic on the same spike gradients
+    for grad, reference_grad in zip(grads, reference_grads):
+        assert relative_error(grad, reference_grad) <= 1e-5
+    if name == "channels_last":
+        assert pooled.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+    if name not in ("not_a_multiple", "contiguous"):  # pooled inside the kernel: autograd keeps only the currents
+        kept = saved_bytes(lambda: lif_pool_sequence(currents, P, pool, compiled=True, **values))
+        assert kept == currents.untyped_storage().nbytes()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backward_keeps_only_the_currents(dtype: torch.dtype) -> None:
     step = (torch.rand(8, 300) * 3).to(dtype).requires_grad_()
@@ -75,6 +120,12 @@ def test_backward_keeps_only_the_currents(dtype: torch.dtype) -> None:
     currents = (torch.rand(16, 8, 300) * 3).to(dtype).requires_grad_()
     assert saved_bytes(lambda: lif_sequence(repeated, P, compiled=True)) == step.numel() * step.element_size()
     assert saved_bytes(lambda: lif_sequence(currents, P, compiled=True)) == currents.numel() * currents.element_size()
+    images = (torch.rand(4, 8, 6, 6) * 3).to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    pooled = lif_pool_sequence(images.expand(16, -1, -1, -1, -1), P, 2, compiled=True)
+    assert pooled.shape == (16, 4, 8, 3, 3)  # neither the full spikes nor max_pool2d's indices are kept
+    assert saved_bytes(lambda: lif_pool_sequence(images.expand(16, -1, -1, -1, -1), P, 2, compiled=True)) == (
+        images.numel() * images.element_size()
+    )
 
 
 def test_bfloat16_stays_bfloat16_with_the_spikes_and_gradients_of_its_float32_values() -> None:
