@@ -194,3 +194,11 @@ def validate_eval(cfg: DictConfig) -> None:
         _check_positive(cfg, "limit_batches", "or limit_batches=null for the whole test set")
     _check(cfg.raster_samples >= 0, f"raster_samples must be >= 0, got {cfg.raster_samples}")
     resolve_device(cfg.device, "device")
+
+
+def validate_export(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first impossible value of an ``snn-export`` config (configs/export.yaml)."""
+    no_checkpoint = "no checkpoint given; use snn-export checkpoint=<checkpoint file or run directory>"
+    _check(not OmegaConf.is_missing(cfg, "checkpoint"), no_checkpoint)
+    shape = list(cfg.input_shape)
+    _check(len(shape) == 3 and min(shape) > 0, f"input_shape must be [channels, height, width], each > 0, got {shape}")

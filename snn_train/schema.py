@@ -161,6 +161,13 @@ class EvalConfig:
     raster_samples: int = MISSING
 
 
+@dataclass
+class ExportConfig:
+    checkpoint: str = MISSING
+    out: str | None = MISSING
+    input_shape: list[int] = MISSING
+
+
 def hydra_run_dir(resume: str | None, new_dir: str) -> str:
     """``hydra.run.dir``: a resumed run continues in its own folder (``<run>/checkpoints/<file>`` or ``<run>``)."""
     path = Path(resume) if resume is not None else None
@@ -176,11 +183,12 @@ def run_started(pattern: str) -> str:
 
 
 def register() -> None:
-    """Put the schemas where configs/config.yaml, configs/eval.yaml and configs/encoder/*.yaml find them, and the
+    """Put the schemas where configs/config.yaml, eval.yaml, export.yaml and configs/encoder/*.yaml find them, and the
     resolvers configs/config.yaml uses; calling it again changes nothing."""
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="export_schema", node=ExportConfig)
     cs.store(group="schema/encoder", name="direct", node=DirectEncoderConfig)
     cs.store(group="schema/encoder", name="latency", node=LatencyEncoderConfig)
     cs.store(group="schema/encoder", name="poisson", node=PoissonEncoderConfig)
