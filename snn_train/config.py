@@ -20,6 +20,7 @@ from snn_train.data import DATASETS
 from snn_train.distributed import resolve_device
 from snn_train.encoders import ENCODERS
 from snn_train.errors import ConfigError
+from snn_train.lif_kernels import KERNELS, triton_runs_on
 from snn_train.surrogates import SURROGATES
 from snn_train.task import DECODERS, OPTIMIZERS, PRECISIONS, SCHEDULERS, build_optimizer
 
@@ -92,7 +93,7 @@ def _check_complete(cfg: DictConfig) -> None:
 
 
 def check_model(cfg: DictConfig) -> None:
-    """``model``: time constants, threshold, layer sizes, dropout, surrogate."""
+    """``model``: time constants, threshold, layer sizes, dropout, surrogate, the LIF kernels for the device."""
     model, lif = cfg.model, cfg.model.lif
     for key in ("dt", "tau_syn_inv", "tau_mem_inv", "alpha"):
         _check_positive(cfg, f"model.lif.{key}", "time constants (as inverses), dt and alpha must be positive")
@@ -114,6 +115,12 @@ def check_model(cfg: DictConfig) -> None:
         learnable = lif.dt * lif.tau_mem_inv < 1
         _check(learnable, "model.learn_tau_mem needs model.lif.dt·tau_mem_inv < 1 (it is learned as a sigmoid)")
     _check_choice(cfg, "model.surrogate", SURROGATES)
+    _check_choice(cfg, "model.kernel", KERNELS)
+    _check(
+        model.kernel != "triton" or triton_runs_on(resolve_device(cfg.train.device)),
+        f"model.kernel=triton needs Triton and a CUDA GPU (train.device={cfg.train.device}); "
+        "use model.kernel=auto or torch",
+    )
 
 
 def check_encoder(cfg: DictConfig) -> None:

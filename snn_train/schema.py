@@ -49,6 +49,7 @@ class ModelConfig:
     dropout: float = MISSING
     learn_tau_mem: bool = MISSING
     learn_v_th: bool = MISSING
+    kernel: str = MISSING
     lif: LIFConfig = field(default_factory=LIFConfig)
     readout: ReadoutConfig = field(default_factory=ReadoutConfig)
 

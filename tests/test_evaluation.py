@@ -201,6 +201,18 @@ def test_a_checkpoint_from_an_older_version_names_the_keys_it_lacks(run_dir: Pat
     )
 
 
+def test_a_checkpoint_from_before_model_kernel_is_evaluated_as_one_that_has_it(run_dir: Path, tmp_path: Path) -> None:
+    """model.kernel says how to compute, which snn-eval picks for its own device: its absence is no loss."""
+    file = tmp_path / "last.pt"
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    del checkpoint["config"]["model"]["kernel"]
+    torch.save(checkpoint, file)
+    report = evaluate_checkpoint(eval_config([f"checkpoint={file}", "batch_size=10"]))
+    original = evaluate_checkpoint(eval_config([f"checkpoint={run_dir}", "batch_size=10"]))
+    assert report["accuracy"] == original["accuracy"] and report["loss"] == original["loss"]
+    assert report["spikes_per_sample"] == original["spikes_per_sample"] > 0
+
+
 def test_errors_a_user_can_cause_exit_2_with_one_line(run_dir: Path, tmp_path: Path, capsys) -> None:
     kmnist = tmp_path / "kmnist"
     for prefix in ("train", "t10k"):  # 20×20 images: a KMNIST-layout set the 28×28 network cannot take
