@@ -16,9 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from snn_train import schema
-from snn_train.data import DATASETS
+from snn_train.data import DATASETS, check_installed
 from snn_train.distributed import resolve_device
-from snn_train.encoders import ENCODERS
+from snn_train.encoders import ENCODERS, EVENT_ENCODERS
 from snn_train.errors import ConfigError
 from snn_train.lif_kernels import KERNELS, triton_runs_on
 from snn_train.surrogates import SURROGATES
@@ -136,6 +136,40 @@ def check_encoder(cfg: DictConfig) -> None:
         _check(cfg.encoder.v_th > cfg.encoder.v_reset, "encoder.v_th must be above encoder.v_reset")
 
 
+def check_encoder_for_data(encoder_name: str, data_name: str) -> None:
+    """An encoder for the data's kind: ``EVENT_ENCODERS`` for event data sets, the others for images."""
+    if DATASETS[data_name].events:
+        _check(
+            encoder_name in EVENT_ENCODERS,
+            f"data={data_name} holds event frames, which encoder={encoder_name} cannot take (it encodes images); "
+            f"use encoder={' or encoder='.join(EVENT_ENCODERS)}",
+        )
+    else:
+        _check(
+            encoder_name not in EVENT_ENCODERS,
+            f"encoder={encoder_name} takes event frames, but data={data_name} holds images; "
+            f"use an event data set ({', '.join(name for name in DATASETS if DATASETS[name].events)}) or an image "
+            f"encoder ({', '.join(name for name in ENCODERS if name not in EVENT_ENCODERS)})",
+        )
+
+
+def check_data(cfg: DictConfig) -> None:
+    """``data``: a data set that is installed, its event binning, and an encoder and augmentation for its kind."""
+    _check_choice(cfg, "data.name", DATASETS)
+    check_installed(cfg.data.name)
+    check_encoder_for_data(cfg.encoder.name, cfg.data.name)
+    if not DATASETS[cfg.data.name].events:
+        return
+    window = cfg.data.time_window_ms
+    _check(
+        window is None or round(window * 1000) >= 1,
+        f"data.time_window_ms must be at least 0.001 (1 µs, the timestamps' unit), got {window}; "
+        "or null for seq_length equal bins per recording",
+    )
+    off = all(cfg.augment[key] == 0 for key in ("shift", "rotate", "scale"))
+    _check(off, f"augment.* transforms images; data={cfg.data.name} holds event frames: leave augment.* at 0")
+
+
 def check_optim(cfg: DictConfig) -> None:
     """``optim``, the learning-rate schedule and the loss: ranges, then the optimizer's own checks."""
     _check_positive(cfg, "optim.lr", "e.g. optim.lr=2e-3")
@@ -153,10 +187,9 @@ def check_optim(cfg: DictConfig) -> None:
 
 
 def check_train(cfg: DictConfig) -> None:
-    """``train``, ``seq_length``, ``decoder``, ``data`` and ``augment``: sizes, ranges, choices, the device."""
+    """``train``, ``seq_length``, ``decoder`` and ``augment``: sizes, ranges, choices, the device."""
     _check_positive(cfg, "seq_length", "the number of time steps T, e.g. seq_length=16")
     _check_choice(cfg, "decoder", DECODERS)
-    _check_choice(cfg, "data.name", DATASETS)
     _check_positive(cfg, "train.epochs", "e.g. train.epochs=1")
     _check_positive(cfg, "train.batch_size", "e.g. train.batch_size=32")
     _check_positive(cfg, "train.eval_batch_size", "e.g. train.eval_batch_size=256")
@@ -189,6 +222,7 @@ def validate(cfg: DictConfig) -> None:
     check_log(cfg)
     check_model(cfg)
     check_encoder(cfg)
+    check_data(cfg)
     check_optim(cfg)
 
 

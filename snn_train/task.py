@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from snn_train import distributed
 from snn_train.augment import random_affine
-from snn_train.data import NUM_CLASSES, Split, to_unit_interval
+from snn_train.data import NUM_CLASSES, Split
 from snn_train.errors import ConfigError
 from snn_train.model import ConvSNN
 from snn_train.schema import AugmentConfig, Config, LossConfig, OptimConfig
@@ -142,8 +142,8 @@ def encoded_shard(
     single process's: a distributed run sees the same input, and every rank's random state is the one rank 0
     checkpoints.
     """
-    images = to_unit_interval(split.images[index])
-    encoded = encoder(images if augment_cfg is None else random_affine(images, augment_cfg))
+    inputs = split.encoder_input(index)
+    encoded = encoder(inputs if augment_cfg is None else random_affine(inputs, augment_cfg))
     part = distributed.shard(len(index))
     return encoded[:, part], split.labels[index[part]]
 

@@ -112,7 +112,10 @@ def test_report_matches_the_training_run_and_a_whole_set_forward_pass(run_dir: P
     net.load_state_dict(checkpoint["model"])
     trace: dict[str, LayerTrace] = {}
     with torch.no_grad():
-        net(build_encoder(cfg.encoder, 4)(to_unit_interval(load_split(cfg.data, train=False).images)), trace)
+        net(
+            build_encoder(cfg.encoder, 4)(to_unit_interval(load_split(cfg.data, train=False, seq_length=4).images)),
+            trace,
+        )
     synops = net.synaptic_operations(trace)
     for name, layer in report["layers"].items():
         assert layer["spikes_per_sample"] == pytest.approx(trace[name].spikes.sum().item() / 48)

@@ -171,7 +171,9 @@ def test_write_and_read_keep_every_parameter(name: str, tmp_path: Path) -> None:
 def image_inputs(root: Path) -> torch.Tensor:
     """Eight steps of the direct encoder (input_scale 4) on six MNIST-format test images read from IDX files."""
     cfg = load_config([f"data.root={root}", "data.download=false", "encoder.input_scale=4"])
-    return build_encoder(cfg.encoder, 8)(to_unit_interval(load_split(cfg.data, train=False).images[:6]).double())
+    return build_encoder(cfg.encoder, 8)(
+        to_unit_interval(load_split(cfg.data, train=False, seq_length=8).images[:6]).double()
+    )
 
 
 @pytest.mark.parametrize("inputs", ["random", "images"])
@@ -274,7 +276,7 @@ def test_snn_export_writes_a_graph_the_simulator_runs_to_the_checkpoints_spikes(
     model = ConvSNN.from_config(cfg.model, (1, 28, 28))
     model.load_state_dict(checkpoint["model"])
     # The test images as the metadata says the graph takes them: the encoder's output for images in [0, 1].
-    images = to_unit_interval(load_split(cfg.data, train=False).images)
+    images = to_unit_interval(load_split(cfg.data, train=False, seq_length=cfg.seq_length).images)
     inputs = build_encoder(cfg.encoder, metadata["time_steps"])(images.double())
     assert_simulator_reproduces(graph, model.eval(), inputs, metadata["dt"])
 
