@@ -44,6 +44,7 @@ CHANGEABLE_ON_RESUME = (
     "train.on_nan",
     "train.precision",
     "train.compile",
+    "model.kernel",
     "log",
     "data.root",
     "data.download",

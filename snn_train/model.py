@@ -10,14 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from snn_train.neurons import (
-    LIFParameters,
-    LIParameters,
-    li_sequence,
-    lif_pool_sequence,
-    lif_sequence,
-    max_pool_over_time,
-)
+from snn_train.lif_kernels import KERNELS
+from snn_train.neurons import LIFParameters, LIParameters, li_sequence, max_pool_over_time
 from snn_train.schema import ModelConfig
 
 
@@ -33,15 +27,22 @@ class LIF(nn.Module):
     """A layer of LIF neurons: input currents [T, B, ...] to spikes [T, B, ...] in one call.
 
     ``learn_tau_mem`` and ``learn_v_th`` make the layer's membrane time constant and threshold parameters (one each,
-    PLIF style); the time constant as dt·tau_mem_inv = sigmoid(w), which keeps the Euler step stable.
+    PLIF style); the time constant as dt·tau_mem_inv = sigmoid(w), which keeps the Euler step stable. ``kernel``
+    (``model.kernel``) names the ``KERNELS`` entry that runs the sequence.
     """
 
     def __init__(
-        self, p: LIFParameters, compiled: bool = False, learn_tau_mem: bool = False, learn_v_th: bool = False
+        self,
+        p: LIFParameters,
+        compiled: bool = False,
+        learn_tau_mem: bool = False,
+        learn_v_th: bool = False,
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
         self.p = p
         self.compiled = compiled
+        self.kernel = kernel
         decay = p.dt * p.tau_mem_inv
         self.tau_mem_logit = nn.Parameter(torch.tensor(math.log(decay / (1 - decay)))) if learn_tau_mem else None
         self.v_th = nn.Parameter(torch.tensor(p.v_th)) if learn_v_th else None
@@ -59,11 +60,12 @@ class LIF(nn.Module):
         pool: int = 1,
     ) -> torch.Tensor:
         """Spikes [T, B, ...], max-pooled over pool×pool windows of the last two dims if ``pool`` > 1 (a conv layer's;
-        compiled on the CPU, inside the kernel); with ``trace``, records the full spikes (and voltages if asked) under
+        by the kernel itself where it can); with ``trace``, records the full spikes (and voltages if asked) under
         ``name``."""
+        run = KERNELS[self.kernel](currents)
         if trace is None:
-            return lif_pool_sequence(currents, self.p, pool, self.compiled, self.tau_mem_inv(), self.v_th)
-        spikes, voltage = lif_sequence(currents, self.p, record_voltage, self.compiled, self.tau_mem_inv(), self.v_th)
+            return run(currents, self.p, False, self.compiled, self.tau_mem_inv(), self.v_th, pool)[0]
+        spikes, voltage = run(currents, self.p, record_voltage, self.compiled, self.tau_mem_inv(), self.v_th)
         trace[name] = LayerTrace(spikes.detach(), voltage)
         return max_pool_over_time(spikes, pool)
 
@@ -73,7 +75,7 @@ class LIF(nn.Module):
             f"tau_syn_inv={p.tau_syn_inv}, tau_mem_inv={p.tau_mem_inv}, v_leak={p.v_leak}, v_th={p.v_th}, "
             f"v_reset={p.v_reset}, dt={p.dt}, surrogate={p.surrogate}, alpha={p.alpha}, "
             f"learn_tau_mem={self.tau_mem_logit is not None}, learn_v_th={self.v_th is not None}, "
-            f"compiled={self.compiled}"
+            f"compiled={self.compiled}, kernel={self.kernel}"
         )
 
 
@@ -129,8 +131,8 @@ class ConvSNN(nn.Module):
     [dropout] → linear → LI readout.
 
     Input [T, B, C, H, W]; output readout voltages [T, B, num_classes]. Stateless layers run once
-    over the T·B-flattened tensor; each LIF layer runs the whole sequence in one call, its backward
-    steps compiled with torch.compile if ``compiled``.
+    over the T·B-flattened tensor; each LIF layer runs the whole sequence in one call with the ``kernel`` chosen (see
+    LIF), its torch backward steps compiled with torch.compile if ``compiled``.
     """
 
     def __init__(
@@ -150,6 +152,7 @@ class ConvSNN(nn.Module):
         dropout: float = 0.0,
         learn_tau_mem: bool = False,
         learn_v_th: bool = False,
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
         if not len(conv_channels) == len(kernel_sizes) == len(conv_scales):
@@ -162,11 +165,11 @@ class ConvSNN(nn.Module):
             nn.Conv2d(c_in, c_out, k) for c_in, c_out, k in zip(channels, channels[1:], kernel_sizes)
         )
         self.norms = nn.ModuleList(nn.BatchNorm2d(c) if batch_norm else nn.Identity() for c in conv_channels)
-        self.conv_lifs = nn.ModuleList(LIF(lif, compiled, learn_tau_mem, learn_v_th) for _ in conv_channels)
+        self.conv_lifs = nn.ModuleList(LIF(lif, compiled, learn_tau_mem, learn_v_th, kernel) for _ in conv_channels)
         self.dropout = dropout
         features = [self._flat_features(), *fc_features]
         self.fcs = nn.ModuleList(nn.Linear(f_in, f_out) for f_in, f_out in zip(features, features[1:]))
-        self.fc_lifs = nn.ModuleList(LIF(lif, compiled, learn_tau_mem, learn_v_th) for _ in fc_features)
+        self.fc_lifs = nn.ModuleList(LIF(lif, compiled, learn_tau_mem, learn_v_th, kernel) for _ in fc_features)
         self.readout_linear = nn.Linear(features[-1], num_classes, bias=readout_bias)
         self.readout = LI(readout)
 
@@ -177,8 +180,11 @@ class ConvSNN(nn.Module):
         )
 
     @classmethod
-    def from_config(cls, model_cfg: ModelConfig, input_shape: Sequence[int], compiled: bool = False) -> ConvSNN:
-        """Build from the ``model`` config node (see configs/model/)."""
+    def from_config(
+        cls, model_cfg: ModelConfig, input_shape: Sequence[int], compiled: bool = False, kernel: str = "auto"
+    ) -> ConvSNN:
+        """Build from the ``model`` config node (see configs/model/); ``kernel`` is model.kernel when training (snn-eval
+        chooses for its own device)."""
         lif = LIFParameters(surrogate=model_cfg.surrogate, **model_cfg.lif)
         readout = LIParameters(dt=model_cfg.lif.dt, **model_cfg.readout)
         return cls(
@@ -197,6 +203,7 @@ class ConvSNN(nn.Module):
             dropout=model_cfg.dropout,
             learn_tau_mem=model_cfg.learn_tau_mem,
             learn_v_th=model_cfg.learn_v_th,
+            kernel=kernel,
         )
 
     def _flat_features(self) -> int:

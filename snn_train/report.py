@@ -11,7 +11,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from snn_train.checkpoint import find_checkpoint, load_checkpoint, write_atomically
-from snn_train.data import Split, load_split
+from snn_train.config import check_encoder_for_data
+from snn_train.data import DATASETS, Split, load_split
 from snn_train.distributed import resolve_device
 from snn_train.encoders import build_encoder
 from snn_train.errors import CheckpointError, DataError
@@ -25,8 +26,13 @@ from snn_train.tensorboard import RunLogger
 def training_config(file: Path, checkpoint: dict[str, Any]) -> DictConfig:
     """The config the checkpoint was trained with; one from an older snn-train that lacks a key the network needs is
     refused."""
-    train_cfg = OmegaConf.merge(OmegaConf.structured(Config), checkpoint["config"])
-    missing = sorted(OmegaConf.missing_keys(train_cfg))
+    saved = checkpoint["config"]
+    schema = OmegaConf.structured(Config)
+    dataset = DATASETS.get(saved.get("data", {}).get("name"))
+    if dataset is not None:
+        schema.data = OmegaConf.structured(dataset.schema)  # an event data set's keys are more than DataConfig's
+    train_cfg = OmegaConf.merge(schema, saved)
+    missing = sorted(set(OmegaConf.missing_keys(train_cfg)) - {"model.kernel"})  # how to compute: snn-eval's choice
     if missing:
         raise CheckpointError(
             f"{file}: its config lacks {', '.join(missing)} (written by an older snn-train, which can evaluate it)"
@@ -38,8 +44,9 @@ def build_network(checkpoint: dict[str, Any], train_cfg: Config, test_set: Split
     """The checkpoint's network for this data's image size, or DataError if the data does not fit it."""
     if not len(test_set):
         raise DataError(f"the {data_name} test set is empty")
-    input_shape = (1, *test_set.images.shape[1:])
-    incompatible = f"{data_name} test images {tuple(input_shape)} do not fit the checkpoint's network"
+    input_shape = test_set.input_shape
+    samples = "event frames" if test_set.events else "images"
+    incompatible = f"{data_name} test {samples} {input_shape} do not fit the checkpoint's network"
     try:
         model = ConvSNN.from_config(train_cfg.model, input_shape)
         model.load_state_dict(checkpoint["model"])
@@ -88,7 +95,8 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     train_cfg = training_config(file, checkpoint)
     data_cfg = cfg.data if cfg.data is not None else train_cfg.data
     device = resolve_device(cfg.device, "device")
-    test_set = load_split(data_cfg, train=False)
+    check_encoder_for_data(train_cfg.encoder.name, data_cfg.name)
+    test_set = load_split(data_cfg, train=False, seq_length=train_cfg.seq_length)
     model = build_network(checkpoint, train_cfg, test_set, data_cfg.name).to(device)
     test_set = test_set.to(device)
     encoder = build_encoder(train_cfg.encoder, train_cfg.seq_length).to(device)

@@ -55,12 +55,12 @@ def start_run(cfg: Config, run_dir: Path) -> Run:
     if distributed.is_main() and bf16_emulated(device, cfg.train.precision):
         log.warning("train.precision=bf16: this CPU has no bfloat16 hardware, so it is emulated and slower than fp32")
     keep_freed_memory()
-    train_set = load_split(cfg.data, train=True).to(device)
-    test_set = load_split(cfg.data, train=False).to(device)
+    train_set = load_split(cfg.data, train=True, seq_length=cfg.seq_length).to(device)
+    test_set = load_split(cfg.data, train=False, seq_length=cfg.seq_length).to(device)
     seed_everything(cfg.train.seed)
     data_order = torch.Generator().manual_seed(cfg.train.seed)
 
-    model = build_model(cfg, (1, *train_set.images.shape[1:]), device)
+    model = build_model(cfg, train_set.input_shape, device)
     encoder = build_encoder(cfg.encoder, cfg.seq_length).to(device)
     steps_per_epoch = math.ceil(len(train_set) / cfg.train.batch_size)
     if cfg.train.limit_batches is not None:

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from snn_train import distributed, lif_cpu
 from snn_train.augment import random_affine
-from snn_train.data import NUM_CLASSES, Split, to_unit_interval
+from snn_train.data import NUM_CLASSES, Split
 from snn_train.errors import ConfigError
 from snn_train.model import ConvSNN
 from snn_train.schema import AugmentConfig, Config, LossConfig, OptimConfig
@@ -128,9 +128,11 @@ def bf16_emulated(device: torch.device, precision: str) -> bool:
 
 
 def seed_everything(seed: int) -> None:
-    """Python's and torch's global random states: the encoder's, augmentation's and dropout's draws follow them."""
+    """Python's and torch's global random states: the encoder's, augmentation's and dropout's draws follow them. The
+    same seed, the same run on a GPU too, where cuDNN then picks only deterministic algorithms."""
     random.seed(seed)
     torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = True
 
 
 def encoded_shard(
@@ -143,8 +145,8 @@ def encoded_shard(
     single process's: a distributed run sees the same input, and every rank's random state is the one rank 0
     checkpoints.
     """
-    images = to_unit_interval(split.images[index])
-    encoded = encoder(images if augment_cfg is None else random_affine(images, augment_cfg))
+    inputs = split.encoder_input(index)
+    encoded = encoder(inputs if augment_cfg is None else random_affine(inputs, augment_cfg))
     part = distributed.shard(len(index))
     return encoded[:, part], split.labels[index[part]]
 
@@ -156,7 +158,7 @@ def build_model(cfg: Config | DictConfig, input_shape: tuple[int, ...], device: 
     if cfg.model.num_classes < NUM_CLASSES:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.name} has {NUM_CLASSES} classes")
     try:
-        model = ConvSNN.from_config(cfg.model, input_shape, cfg.train.compile).to(device)
+        model = ConvSNN.from_config(cfg.model, input_shape, cfg.train.compile, cfg.model.kernel).to(device)
     except (ValueError, TypeError, RuntimeError) as error:  # a size torch cannot take or allocate
         raise ConfigError(f"cannot build the network from model.*: {str(error).strip().splitlines()[0]}") from None
     if cfg.train.compile and device.type == "cpu":

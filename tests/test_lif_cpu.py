@@ -12,7 +12,6 @@ from snn_train import lif_cpu, load_config
 from snn_train.errors import ConfigError
 from snn_train.neurons import (
     LIFParameters,
-    lif_pool_sequence,
     lif_sequence,
     lif_sequence_reference,
     max_pool_over_time,
@@ -94,7 +93,7 @@ def test_pooling_inside_the_kernel_gives_the_pooled_step_loop(name: str, pool: i
     values = {"tau_mem_inv": torch.tensor(250.0, requires_grad=True), "v_th": torch.tensor(0.8, requires_grad=True)}
     values = values if learned else {}
     inputs = [currents, *values.values()]
-    pooled = lif_pool_sequence(currents, P, pool, compiled=True, **values)
+    pooled = lif_sequence(currents, P, compiled=True, pool=pool, **values)[0]
     upstream = torch.randn(pooled.shape)
     grads = torch.autograd.grad(pooled, inputs, upstream)
     unfused = max_pool_over_time(lif_sequence(currents, P, compiled=True, **values)[0], pool)
@@ -109,7 +108,7 @@ def test_pooling_inside_the_kernel_gives_the_pooled_step_loop(name: str, pool: i
     if name == "channels_last":
         assert pooled.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
     if name not in ("not_a_multiple", "contiguous"):  # pooled inside the kernel: autograd keeps only the currents
-        kept = saved_bytes(lambda: lif_pool_sequence(currents, P, pool, compiled=True, **values))
+        kept = saved_bytes(lambda: lif_sequence(currents, P, compiled=True, pool=pool, **values)[0])
         assert kept == currents.untyped_storage().nbytes()
 
 
@@ -121,9 +120,9 @@ def test_backward_keeps_only_the_currents(dtype: torch.dtype) -> None:
     assert saved_bytes(lambda: lif_sequence(repeated, P, compiled=True)) == step.numel() * step.element_size()
     assert saved_bytes(lambda: lif_sequence(currents, P, compiled=True)) == currents.numel() * currents.element_size()
     images = (torch.rand(4, 8, 6, 6) * 3).to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
-    pooled = lif_pool_sequence(images.expand(16, -1, -1, -1, -1), P, 2, compiled=True)
+    pooled = lif_sequence(images.expand(16, -1, -1, -1, -1), P, compiled=True, pool=2)[0]
     assert pooled.shape == (16, 4, 8, 3, 3)  # neither the full spikes nor max_pool2d's indices are kept
-    assert saved_bytes(lambda: lif_pool_sequence(images.expand(16, -1, -1, -1, -1), P, 2, compiled=True)) == (
+    assert saved_bytes(lambda: lif_sequence(images.expand(16, -1, -1, -1, -1), P, compiled=True, pool=2)[0]) == (
         images.numel() * images.element_size()
     )
 
