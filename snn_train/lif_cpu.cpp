@@ -93,7 +93,7 @@ struct Layout {
     }
     int64_t pooled_per_block() const { return W / pool * inner; }  // outputs of a block (with pooling)
     int64_t pooled() const { return N / (pool * pool); }           // outputs of a step (with pooling)
-    // Offset in a block of row dh, column w, channel c; window j = (column w / p, channel c) of a block's outputs.
+    // Offset in a block of its row dh, column w, inner index c.
     int64_t at(int64_t dh, int64_t w, int64_t c) const { return (dh * W + w) * inner + c; }
 };
 
@@ -200,9 +200,9 @@ void forward(const In* currents, int64_t step_stride, int64_t T, const Layout& g
     }
 }
 
-// The currents' gradient [T, N], or with SumOverTime [N] (their sum over the steps: the gradient of an input repeated
-// over time), from the spikes' [T, N], or with pooling the pooled spikes' [T, N/p²] (step t at grad + t·grad_stride).
-template <int Kind, bool Learned, bool SumOverTime, typename In, typename S>
+// The currents' gradient [T, N] from the spikes' [T, N], or with pooling the pooled spikes' [T, N/p²] (step t at
+// grad + t·grad_stride).
+template <int Kind, bool Learned, typename In, typename S>
 void backward(const In* currents, int64_t step_stride, const In* grad, int64_t grad_stride, int64_t T,
               const Layout& g, In* grad_currents, const Constants<S>& constants, double* grad_a, double* grad_v_th,
               int threads) {
@@ -227,8 +227,7 @@ void backward(const In* currents, int64_t step_stride, const In* grad, int64_t g
                     if constexpr (Learned) drive_kept[t * L + k] = drive;
                 },
                 [](int64_t) {});
-            S* g_sum = v.data();  // the forward state is spent: it holds the sum over time
-            for (int64_t k = 0; k < len; ++k) gv[k] = gi[k] = g_sum[k] = S(0), aa[k] = av[k] = 0;
+            for (int64_t k = 0; k < len; ++k) gv[k] = gi[k] = S(0), aa[k] = av[k] = 0;
             for (int64_t t = T - 1; t >= 0; --t) {
                 const S* pre = pre_kept.data() + t * L;
                 const S* drive = drive_kept.data() + t * L;
@@ -246,19 +245,12 @@ void backward(const In* currents, int64_t step_stride, const In* grad, int64_t g
                     S g_pre = (x <= S(0) ? gv[k] : S(0)) + g_x;
                     gi[k] = gi[k] * (S(1) - c.b) + c.a * g_pre;
                     gv[k] = g_pre * (S(1) - c.a);
-                    if constexpr (SumOverTime) {
-                        g_sum[k] += gi[k];
-                    } else {
-                        store(g_current[k], gi[k]);
-                    }
+                    store(g_current[k], gi[k]);
                     if constexpr (Learned) {
                         aa[k] += g_pre * drive[k];
                         av[k] -= g_x;
                     }
                 }
-            }
-            if constexpr (SumOverTime) {
-                for (int64_t k = 0; k < len; ++k) store(grad_currents[n0 + k], g_sum[k]);
             }
             if constexpr (Learned) {
                 for (int64_t k = 0; k < len; ++k) sum_a += aa[k], sum_v_th += av[k];
@@ -269,43 +261,30 @@ void backward(const In* currents, int64_t step_stride, const In* grad, int64_t g
     *grad_v_th = sum_v_th;
 }
 
-template <int Kind, typename In, typename S>
-void backward_for(bool learned, bool sum_over_time, const In* currents, int64_t step_stride, const In* grad,
-                  int64_t grad_stride, int64_t T, const Layout& g, In* grad_currents, const Constants<S>& c,
-                  double* grad_a, double* grad_v_th, int threads) {
-    auto run = [&](auto learned_flag, auto sum_flag) {
-        backward<Kind, decltype(learned_flag)::value, decltype(sum_flag)::value>(
+template <typename In, typename S>
+void backward_for(int kind, bool learned, const In* currents, int64_t step_stride, const In* grad, int64_t grad_stride,
+                  int64_t T, const Layout& g, In* grad_currents, const Constants<S>& c, double* grad_a,
+                  double* grad_v_th, int threads) {
+    auto run = [&](auto kind_tag, auto learned_tag) {
+        backward<decltype(kind_tag)::value, decltype(learned_tag)::value>(
             currents, step_stride, grad, grad_stride, T, g, grad_currents, c, grad_a, grad_v_th, threads);
     };
-    using Yes = std::true_type;
-    using No = std::false_type;
-    if (learned) return sum_over_time ? run(Yes{}, Yes{}) : run(Yes{}, No{});
-    sum_over_time ? run(No{}, Yes{}) : run(No{}, No{});
-}
-
-template <typename In, typename S>
-void backward_for(int kind, bool learned, bool sum_over_time, const In* currents, int64_t step_stride,
-                  const In* grad, int64_t grad_stride, int64_t T, const Layout& g, In* grad_currents,
-                  const Constants<S>& c, double* grad_a, double* grad_v_th, int threads) {
+    auto with_kind = [&](auto kind_tag) {
+        return learned ? run(kind_tag, std::true_type{}) : run(kind_tag, std::false_type{});
+    };
     switch (kind) {
         case kSuper:
-            return backward_for<kSuper>(learned, sum_over_time, currents, step_stride, grad, grad_stride, T, g,
-                                        grad_currents, c, grad_a, grad_v_th, threads);
+            return with_kind(std::integral_constant<int, kSuper>{});
         case kTanh:
-            return backward_for<kTanh>(learned, sum_over_time, currents, step_stride, grad, grad_stride, T, g,
-                                       grad_currents, c, grad_a, grad_v_th, threads);
+            return with_kind(std::integral_constant<int, kTanh>{});
         case kTriangle:
-            return backward_for<kTriangle>(learned, sum_over_time, currents, step_stride, grad, grad_stride, T, g,
-                                           grad_currents, c, grad_a, grad_v_th, threads);
+            return with_kind(std::integral_constant<int, kTriangle>{});
         case kCirc:
-            return backward_for<kCirc>(learned, sum_over_time, currents, step_stride, grad, grad_stride, T, g,
-                                       grad_currents, c, grad_a, grad_v_th, threads);
+            return with_kind(std::integral_constant<int, kCirc>{});
         case kErfc:
-            return backward_for<kErfc>(learned, sum_over_time, currents, step_stride, grad, grad_stride, T, g,
-                                       grad_currents, c, grad_a, grad_v_th, threads);
+            return with_kind(std::integral_constant<int, kErfc>{});
         default:
-            return backward_for<kAtan>(learned, sum_over_time, currents, step_stride, grad, grad_stride, T, g,
-                                       grad_currents, c, grad_a, grad_v_th, threads);
+            return with_kind(std::integral_constant<int, kAtan>{});
     }
 }
 
@@ -344,18 +323,17 @@ void lif_forward(int dtype, const void* currents, int64_t step_stride, int64_t T
     });
 }
 
-// The currents' gradient [T, N] (their dtype), or its sum over the steps [N] if ``sum_over_time``, from that of
-// lif_forward's spikes (step t at grad + t·grad_stride); with ``learned``, also d loss / d a into grad_a and
-// d loss / d v_th into grad_v_th.
+// The currents' gradient [T, N] (their dtype) from that of lif_forward's spikes (step t at grad + t·grad_stride); with
+// ``learned``, also d loss / d a into grad_a and d loss / d v_th into grad_v_th.
 void lif_backward(int dtype, const void* currents, int64_t step_stride, const void* grad, int64_t grad_stride,
-                  int64_t T, int64_t N, int64_t W, int64_t inner, int64_t pool, int sum_over_time,
-                  void* grad_currents, double a, double b, double v_leak, double v_th, double v_reset, double alpha,
-                  int surrogate_kind, int learned, double* grad_a, double* grad_v_th, int threads) {
+                  int64_t T, int64_t N, int64_t W, int64_t inner, int64_t pool, void* grad_currents, double a,
+                  double b, double v_leak, double v_th, double v_reset, double alpha, int surrogate_kind, int learned,
+                  double* grad_a, double* grad_v_th, int threads) {
     const Layout g{N, W, inner, pool};
     with_types(dtype, [&](auto in, auto state) {
         using In = decltype(in);
         using S = decltype(state);
-        backward_for(surrogate_kind, learned, sum_over_time, static_cast<const In*>(currents), step_stride,
+        backward_for(surrogate_kind, learned, static_cast<const In*>(currents), step_stride,
                      static_cast<const In*>(grad), grad_stride, T, g, static_cast<In*>(grad_currents),
                      constants<S>(a, b, v_leak, v_th, v_reset, alpha), grad_a, grad_v_th, threads);
     });
