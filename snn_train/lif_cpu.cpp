@@ -234,9 +234,10 @@ void forward(const In* currents, int64_t step_stride, int64_t T, const Layout& g
     });
 }
 
-// The currents' gradient [T, N] from the spikes' [T, N], or with pooling the pooled spikes' [T, N/p²] (step t at
+// The currents' gradient [T, N], or with SumOverTime [N] (its sum over the steps: the gradient of a step repeated at
+// every time step), from the spikes' [T, N], or with pooling the pooled spikes' [T, N/p²] (step t at
 // grad + t·grad_stride).
-template <int Kind, bool Learned, typename In, typename S>
+template <int Kind, bool Learned, bool SumOverTime, typename In, typename S>
 void backward(const In* currents, int64_t step_stride, const In* grad, int64_t grad_stride, int64_t T,
               const Layout& g, In* grad_currents, const Constants<S>& constants, double* grad_a, double* grad_v_th,
               int threads) {
@@ -264,7 +265,8 @@ void backward(const In* currents, int64_t step_stride, const In* grad, int64_t g
                     if constexpr (Learned) drive_kept[t * L + k] = drive;
                 },
                 [](int64_t) {});
-            for (int64_t k = 0; k < len; ++k) gv[k] = gi[k] = S(0), aa[k] = av[k] = 0;
+            S* g_sum = v;  // the recomputed state is spent: it holds the sum over time
+            for (int64_t k = 0; k < len; ++k) gv[k] = gi[k] = g_sum[k] = S(0), aa[k] = av[k] = 0;
             for (int64_t t = T - 1; t >= 0; --t) {
                 const S* pre = pre_kept + t * L;
                 const S* drive = drive_kept + t * L;
@@ -282,12 +284,19 @@ void backward(const In* currents, int64_t step_stride, const In* grad, int64_t g
                     S g_pre = (x <= S(0) ? gv[k] : S(0)) + g_x;
                     gi[k] = gi[k] * (S(1) - c.b) + c.a * g_pre;
                     gv[k] = g_pre * (S(1) - c.a);
-                    store(g_current[k], gi[k]);
+                    if constexpr (SumOverTime) {
+                        g_sum[k] += gi[k];
+                    } else {
+                        store(g_current[k], gi[k]);
+                    }
                     if constexpr (Learned) {
                         aa[k] += g_pre * drive[k];
                         av[k] -= g_x;
                     }
                 }
+            }
+            if constexpr (SumOverTime) {
+                for (int64_t k = 0; k < len; ++k) store(grad_currents[n0 + k], g_sum[k]);
             }
             if constexpr (Learned) {
                 for (int64_t k = 0; k < len; ++k) sum_a += aa[k], sum_v_th += av[k];
@@ -299,15 +308,19 @@ void backward(const In* currents, int64_t step_stride, const In* grad, int64_t g
 }
 
 template <typename In, typename S>
-void backward_for(int kind, bool learned, const In* currents, int64_t step_stride, const In* grad, int64_t grad_stride,
-                  int64_t T, const Layout& g, In* grad_currents, const Constants<S>& c, double* grad_a,
-                  double* grad_v_th, int threads) {
-    auto run = [&](auto kind_tag, auto learned_tag) {
-        backward<decltype(kind_tag)::value, decltype(learned_tag)::value>(
+void backward_for(int kind, bool learned, bool sum_over_time, const In* currents, int64_t step_stride, const In* grad,
+                  int64_t grad_stride, int64_t T, const Layout& g, In* grad_currents, const Constants<S>& c,
+                  double* grad_a, double* grad_v_th, int threads) {
+    auto run = [&](auto kind_tag, auto learned_tag, auto sum_tag) {
+        backward<decltype(kind_tag)::value, decltype(learned_tag)::value, decltype(sum_tag)::value>(
             currents, step_stride, grad, grad_stride, T, g, grad_currents, c, grad_a, grad_v_th, threads);
     };
+    auto with_sum = [&](auto kind_tag, auto learned_tag) {
+        return sum_over_time ? run(kind_tag, learned_tag, std::true_type{})
+                             : run(kind_tag, learned_tag, std::false_type{});
+    };
     auto with_kind = [&](auto kind_tag) {
-        return learned ? run(kind_tag, std::true_type{}) : run(kind_tag, std::false_type{});
+        return learned ? with_sum(kind_tag, std::true_type{}) : with_sum(kind_tag, std::false_type{});
     };
     switch (kind) {
         case kSuper:
@@ -360,17 +373,18 @@ void lif_forward(int dtype, const void* currents, int64_t step_stride, int64_t T
     });
 }
 
-// The currents' gradient [T, N] (their dtype) from that of lif_forward's spikes (step t at grad + t·grad_stride); with
-// ``learned``, also d loss / d a into grad_a and d loss / d v_th into grad_v_th.
+// The currents' gradient [T, N] (their dtype), or its sum over the steps [N] if ``sum_over_time``, from that of
+// lif_forward's spikes (step t at grad + t·grad_stride); with ``learned``, also d loss / d a into grad_a and
+// d loss / d v_th into grad_v_th.
 void lif_backward(int dtype, const void* currents, int64_t step_stride, const void* grad, int64_t grad_stride,
-                  int64_t T, int64_t N, int64_t W, int64_t inner, int64_t pool, void* grad_currents, double a,
-                  double b, double v_leak, double v_th, double v_reset, double alpha, int surrogate_kind, int learned,
-                  double* grad_a, double* grad_v_th, int threads) {
+                  int64_t T, int64_t N, int64_t W, int64_t inner, int64_t pool, int sum_over_time,
+                  void* grad_currents, double a, double b, double v_leak, double v_th, double v_reset, double alpha,
+                  int surrogate_kind, int learned, double* grad_a, double* grad_v_th, int threads) {
     const Layout g{N, W, inner, pool};
     with_types(dtype, [&](auto in, auto state) {
         using In = decltype(in);
         using S = decltype(state);
-        backward_for(surrogate_kind, learned, static_cast<const In*>(currents), step_stride,
+        backward_for(surrogate_kind, learned, sum_over_time, static_cast<const In*>(currents), step_stride,
                      static_cast<const In*>(grad), grad_stride, T, g, static_cast<In*>(grad_currents),
                      constants<S>(a, b, v_leak, v_th, v_reset, alpha), grad_a, grad_v_th, threads);
     });
