@@ -87,7 +87,8 @@ class RunLogger:
         """The finite values only (a diverging run's voltages overflow); nothing if none are. A larger tensor is binned
         from an even sample of HISTOGRAM_SAMPLE of its values: all of conv1's voltages (millions) took longer to bin
         than a few training steps."""
-        values = values.detach().flatten()
+        by_stride = sorted(range(values.dim()), key=lambda d: -values.stride(d))
+        values = values.detach().permute(by_stride).reshape(-1)  # in memory order: a view of a dense tensor, no copy
         values = values[:: max(1, math.ceil(len(values) / HISTOGRAM_SAMPLE))]
         finite = values.float()[torch.isfinite(values)]
         if not finite.numel():
