@@ -72,9 +72,10 @@ class RunLogger:
         """Spike rate (spikes per neuron per step) of the encoder and each LIF layer; voltage and count histograms."""
         self.writer.add_scalar("SpikeRate/encoder", encoded.float().mean().item(), step)
         for name, layer in trace.items():
-            self.writer.add_scalar(f"SpikeRate/{name}", layer.spikes.float().mean().item(), step)
+            counts = layer.spikes.float().sum(0)  # spikes per neuron and sample: one pass over the layer's spikes
+            self.writer.add_scalar(f"SpikeRate/{name}", (counts.sum() / layer.spikes.numel()).item(), step)
             self.histogram(step, f"Voltage/{name}", layer.voltage)
-            self.histogram(step, f"SpikeCount/{name}", layer.spikes.float().sum(0))
+            self.histogram(step, f"SpikeCount/{name}", counts)
 
     @reported
     def parameters(self, step: int, model: nn.Module) -> None:
