@@ -10,23 +10,26 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from snn_train.checkpoint import find_checkpoint, load_checkpoint, write_atomically
+from snn_train.checkpoint import BEST, LAST, find_checkpoint, load_checkpoint, write_atomically
 from snn_train.data import Split, load_split
 from snn_train.distributed import resolve_device
 from snn_train.encoders import build_encoder
 from snn_train.errors import CheckpointError, DataError
 from snn_train.evaluation import TestCounts, evaluate, per_class_accuracy, sample_forward
 from snn_train.model import ConvSNN
-from snn_train.schema import Config, DataConfig, EvalConfig
+from snn_train.schema import Config, DataConfig, EvalConfig, EvalDataConfig
 from snn_train.task import seed_everything
 from snn_train.tensorboard import RunLogger
 
+# The keys of a checkpoint's config snn-eval uses (and key prefixes): the network, its input and the test data.
+EVAL_USES = ("model.", "encoder.", "seq_length", "decoder", "data.name", "data.root", "data.download", "train.seed")
+
 
 def training_config(file: Path, checkpoint: dict[str, Any]) -> DictConfig:
-    """The config the checkpoint was trained with; one from an older snn-train that lacks a key the network needs is
+    """The config the checkpoint was trained with; one from an older snn-train that lacks a key snn-eval uses is
     refused."""
     train_cfg = OmegaConf.merge(OmegaConf.structured(Config), checkpoint["config"])
-    missing = sorted(OmegaConf.missing_keys(train_cfg))
+    missing = sorted(key for key in OmegaConf.missing_keys(train_cfg) if key.startswith(EVAL_USES))
     if missing:
         raise CheckpointError(
             f"{file}: its config lacks {', '.join(missing)} (written by an older snn-train, which can evaluate it)"
@@ -80,20 +83,28 @@ def report(
     }
 
 
+def test_data(chosen: EvalDataConfig, trained_on: DataConfig) -> DictConfig:
+    """The data set to test: snn-eval's ``data`` keys where given, the checkpoint's own elsewhere."""
+    given = {key: value for key, value in OmegaConf.to_container(chosen).items() if value is not None}
+    return OmegaConf.merge(trained_on, given)
+
+
 def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
-    """Evaluate ``cfg.checkpoint`` on its own test set (or ``cfg.data``'s); write eval.json beside it and return the
-    report."""
-    file = find_checkpoint(Path(cfg.checkpoint))
+    """Evaluate ``cfg.checkpoint`` (a run folder's best.pt, else its last.pt) on the test set of its own data or
+    ``cfg.data``'s; write eval.json beside it and return the report."""
+    file = find_checkpoint(Path(cfg.checkpoint), (BEST, LAST))
     checkpoint = load_checkpoint(file)
     train_cfg = training_config(file, checkpoint)
-    data_cfg = cfg.data if cfg.data is not None else train_cfg.data
+    data_cfg = test_data(cfg.data, train_cfg.data)
     device = resolve_device(cfg.device, "device")
     test_set = load_split(data_cfg, train=False)
     model = build_network(checkpoint, train_cfg, test_set, data_cfg.name).to(device)
     test_set = test_set.to(device)
     encoder = build_encoder(train_cfg.encoder, train_cfg.seq_length).to(device)
     seed_everything(train_cfg.train.seed)
-    counts = evaluate(model, encoder, test_set, train_cfg.decoder, cfg.batch_size, cfg.limit_batches)
+    counts = evaluate(
+        model, encoder, test_set, train_cfg.decoder, cfg.batch_size, cfg.limit_batches, "fp32", train_cfg.train.seed
+    )
     result = report(file, checkpoint, train_cfg, data_cfg, counts)
     text = json.dumps(result, indent=2)
     write_atomically(file.with_name("eval.json"), lambda f: f.write(text.encode()))

@@ -88,6 +88,17 @@ class DataConfig:
     name: str = MISSING
     root: str = MISSING
     download: bool = MISSING
+    val_size: int = MISSING
+    split_seed: int = MISSING
+
+
+@dataclass
+class EvalDataConfig:
+    """snn-eval's ``data``: each key None takes the checkpoint's own value."""
+
+    name: str | None = MISSING
+    root: str | None = MISSING
+    download: bool | None = MISSING
 
 
 @dataclass
@@ -124,6 +135,8 @@ class TrainConfig:
     compile: bool = MISSING
     checkpoint_every_n_steps: int = MISSING
     on_nan: str = MISSING
+    early_stopping_patience: int | None = MISSING
+    test_on: str = MISSING
     resume: str | None = MISSING
 
 
@@ -131,6 +144,7 @@ class TrainConfig:
 class LogConfig:
     every_n_steps: int = MISSING
     histogram_every_n_steps: int = MISSING
+    val_every_n_steps: int = MISSING
     progress_bar: bool = MISSING
 
 
@@ -153,7 +167,7 @@ class Config:
 @dataclass
 class EvalConfig:
     checkpoint: str = MISSING
-    data: DataConfig | None = MISSING
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
     device: str = MISSING
     batch_size: int = MISSING
     limit_batches: int | None = MISSING

@@ -27,8 +27,11 @@ LIF = LIFParameters(
     tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, v_th=1.0, v_reset=0.0, dt=1e-3, surrogate="super", alpha=10.0
 )
 LI = LIParameters(tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, dt=1e-3)
-# Spiking from the first step (input_scale 5) and trained a few steps, so every layer's statistics are non-trivial.
+# Spiking from the first step (input_scale 5) and trained a few steps, so every layer's statistics are non-trivial;
+# validated after every step, so best.pt holds one of them.
 TRAINING = [
+    "data.val_size=20",
+    "log.val_every_n_steps=1",
     "seq_length=4",
     "train.batch_size=16",
     "train.limit_batches=3",
@@ -47,7 +50,7 @@ def eval_config(overrides: list[str]):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run trained for three steps on tiny data (48 test images)."""
+    """A run trained for three steps on tiny data (20 validation, 48 test images), tested on its best weights."""
     root = make_mnist(tmp_path_factory.mktemp("data"))
     run = tmp_path_factory.mktemp("run")
     fit(load_config([*TRAINING, f"data.root={root}"]), run)
@@ -95,18 +98,20 @@ def test_synaptic_operations_match_a_hand_count() -> None:
 def test_report_matches_the_training_run_and_a_whole_set_forward_pass(run_dir: Path) -> None:
     report = evaluate_checkpoint(eval_config([f"checkpoint={run_dir}", "batch_size=10"]))
     final = json.loads((run_dir / "metrics.json").read_text())["final"]
+    assert report["checkpoint"] == str(run_dir / "checkpoints" / "best.pt")  # a run folder means its best weights
+    assert final["test_on"] == "best" and final["test_step"] == final["best_step"]
     assert report["accuracy"] == pytest.approx(final["test_accuracy"])
     assert report["loss"] == pytest.approx(final["test_loss"], rel=1e-5)
     assert report["samples"] == 48 and sum(map(sum, report["confusion_matrix"])) == 48
     assert (report["epoch"], report["step"], report["time_steps"], report["latency_s"]) == (
         1,
-        3,
+        final["best_step"],
         4,
         pytest.approx(4e-3),
     )
 
     # Independently: the checkpoint's network on all 48 test images in one batch.
-    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "best.pt")
     cfg = load_config([*TRAINING, f"data.root={report['data']['root']}"])
     net = ConvSNN.from_config(cfg.model, (1, 28, 28))
     net.load_state_dict(checkpoint["model"])

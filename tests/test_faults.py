@@ -37,10 +37,10 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: P
 def test_on_nan_skip_drops_the_updates_of_non_finite_batches_and_counts_them(
     tmp_path: Path, tiny_overrides: list[str]
 ) -> None:
-    two_steps = fit(load_config([*tiny_overrides, *EXPLODING, "train.limit_batches=2"]), tmp_path / "two")
+    two_steps = fit(load_config([*tiny_overrides, *EXPLODING, "train.limit_batches=2"]), tmp_path / "two").history
     skipping = fit(
         load_config([*tiny_overrides, *EXPLODING, "train.limit_batches=4", "train.on_nan=skip"]), tmp_path / "skip"
-    )
+    ).history
     events = EventAccumulator(str(tmp_path / "skip"))
     events.Reload()
     assert [(s.step, s.value) for s in events.Scalars("NaN/skipped_batches")] == [(3, 1.0), (4, 2.0)]
@@ -81,10 +81,11 @@ def trained(tmp_path: Path, tiny_overrides: list[str]) -> Path:
 
 
 def resume(overrides: list[str], run_dir: Path, *changes: str, source: Path | None = None) -> list:
-    """Continue the run in ``run_dir`` from ``source`` (default: the run folder itself), as snn-train would."""
+    """Continue the run in ``run_dir`` from ``source`` (default: the run folder itself), as snn-train would; returns
+    its epochs' metrics."""
     return fit(
         load_config([*overrides, "train.limit_batches=2", f"train.resume={source or run_dir}", *changes]), run_dir
-    )
+    ).history
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,7 @@ def test_same_seed_and_config_give_the_same_losses_step_for_step(tmp_path: Path,
 
 def test_training_learns_a_simple_task(tmp_path: Path, tiny_overrides: list[str]) -> None:
     cfg = load_config([*tiny_overrides, *LEARNING, "train.epochs=3", "log.every_n_steps=100"])
-    history = fit(cfg, tmp_path)
+    history = fit(cfg, tmp_path).history
     assert history[-1].test_accuracy >= 0.9
     assert history[-1].train_loss < 0.5 * history[0].train_loss
 
@@ -100,8 +100,8 @@ def test_too_small_an_image_is_refused_with_a_reason() -> None:
 
 def test_bf16_training_learns_as_fp32_does(tmp_path: Path, tiny_overrides: list[str]) -> None:
     overrides = [*tiny_overrides, *LEARNING, "train.epochs=3", "log.every_n_steps=100"]
-    fp32 = fit(load_config(overrides), tmp_path / "fp32")
-    bf16 = fit(load_config([*overrides, "train.precision=bf16"]), tmp_path / "bf16")
+    fp32 = fit(load_config(overrides), tmp_path / "fp32").history
+    bf16 = fit(load_config([*overrides, "train.precision=bf16"]), tmp_path / "bf16").history
     assert bf16[-1].test_accuracy >= 0.9
     assert abs(bf16[-1].train_loss - fp32[-1].train_loss) < 0.25 * fp32[0].train_loss
     assert bf16[-1].train_loss != fp32[-1].train_loss
