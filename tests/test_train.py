@@ -52,15 +52,24 @@ def test_training_learns_a_simple_task(tmp_path: Path, tiny_overrides: list[str]
     assert history[-1].train_loss < 0.5 * history[0].train_loss
 
 
-def test_hydra_main_returns_the_final_test_accuracy(tmp_path: Path, tiny_overrides: list[str]) -> None:
-    cfg = compose("config", [*tiny_overrides, "train.limit_batches=2"], return_hydra_config=True)
+@pytest.mark.parametrize("val_size", [0, 20])
+def test_hydra_main_returns_the_best_validation_accuracy_or_without_a_split_the_test_accuracy(
+    tmp_path: Path, tiny_overrides: list[str], val_size: int
+) -> None:
+    overrides = [*tiny_overrides, *LEARNING, "train.limit_batches=3", f"data.val_size={val_size}"]
+    cfg = compose("config", [*overrides, "log.val_every_n_steps=1"], return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(tmp_path)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
-    accuracy = run(cfg)
-    assert accuracy == json.loads((tmp_path / "metrics.json").read_text())["final"]["test_accuracy"]
+    returned = run(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    if val_size:
+        assert returned == max(v["accuracy"] for v in metrics["validations"]) == metrics["final"]["best_val_accuracy"]
+        assert len(metrics["validations"]) == 3 and returned != metrics["final"]["test_accuracy"]
+    else:
+        assert returned == metrics["final"]["test_accuracy"] == metrics["epochs"][-1]["test_accuracy"]
 
 
 def test_network_from_plain_arguments_backpropagates_per_time_step_gradients() -> None:
