@@ -165,6 +165,72 @@ def test_snn_eval_prints_the_report_and_writes_tensorboard_images(run_dir: Path,
     }
 
 
+def test_the_checkpoints_own_data_set_in_another_folder(run_dir: Path, tmp_path: Path, capsys) -> None:
+    elsewhere = make_mnist(tmp_path / "elsewhere")  # the same data set, in a folder the run never saw
+    accuracy = run_eval(eval_config([f"checkpoint={run_dir}", f"data.root={elsewhere}"]))
+    report = json.loads((run_dir / "checkpoints" / "eval.json").read_text())
+    assert report["data"] == {"name": "mnist", "root": str(elsewhere), "split": "test"}
+    assert (
+        accuracy
+        == report["accuracy"]
+        == pytest.approx(json.loads((run_dir / "metrics.json").read_text())["final"]["test_accuracy"])
+    )
+    assert f"mnist test set in {elsewhere}, 48 samples" in capsys.readouterr().out
+
+
+def test_a_run_folder_without_best_pt_means_its_last_pt(tmp_path: Path) -> None:
+    root = make_mnist(tmp_path / "data")
+    fit(load_config([*TRAINING, f"data.root={root}", "data.val_size=0"]), tmp_path / "run")
+    report = evaluate_checkpoint(eval_config([f"checkpoint={tmp_path / 'run'}"]))
+    assert report["checkpoint"] == str(tmp_path / "run" / "checkpoints" / "last.pt") and report["step"] == 3
+
+
+@pytest.mark.slow
+def test_snn_eval_as_a_new_user_types_it_finds_the_data_in_another_folder(run_dir: Path, tmp_path: Path) -> None:
+    make_mnist(tmp_path / "downloads")
+    result = subprocess.run(
+        ["snn-eval", f"checkpoint={run_dir}", "data.root=downloads", "device=cpu"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"checkpoint   {run_dir / 'checkpoints' / 'best.pt'}" in result.stdout
+    assert f"mnist test set in {tmp_path / 'downloads'}, 48 samples" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["~checkpoint"], "no checkpoint given"),
+        (["checkpoint.x=1"], "Error merging override checkpoint.x=1"),
+        (["data.roott=x"], "Could not override 'data.roott'"),
+        (["++data.x=1"], "data.x: Key 'x' not in 'DataConfig'"),
+        (["data.name=emnist"], "data.name=emnist is not one of mnist, fashion_mnist, kmnist"),
+        (["data=emnist"], "Could not find 'data/emnist'"),
+        (["batch_size=${oops}"], "batch_size: Interpolation key 'oops' not found"),
+        (["~tensorboard"], "tensorboard: Key 'tensorboard' not in 'EvalConfig'"),
+        (["data.download=maybe"], "Value 'maybe' is not a valid bool"),
+        (["limit_batches=0"], "limit_batches must be > 0"),
+    ],
+)
+def test_every_snn_eval_input_error_is_one_line_and_exit_2(
+    run_dir: Path, tmp_path: Path, overrides: list[str], message: str
+) -> None:
+    result = subprocess.run(
+        ["snn-eval", f"checkpoint={run_dir}", "device=cpu", *overrides],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("snn-eval: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
+
+
 def truncate(file: Path) -> None:
     file.write_bytes(file.read_bytes()[:1000])
 
