@@ -1,9 +1,14 @@
-"""Training-step speed and memory of snn-train against its reference loop, the ANN limit and Norse.
+"""Training-step speed and memory of snn-train against its reference loop, the ANN limit, Norse and SpikingJelly.
 
 Every figure is the median of ``--steps`` timed steps after warm-up, on the same network, T, B and
 thread count. Each variant runs in a fresh process so its peak memory is its own. snn-train and the
 ANN limit run with snn-train's allocator setting (snn_train.allocator); Norse runs as shipped, and
 once more with that setting (``norse_tuned_allocator``) so the comparison can be read both ways.
+Norse and SpikingJelly (its multi-step LIF neuron on the same network) are left out where not installed;
+on CUDA every variant updates with fused Adam, and ``snn_train_torch_kernels`` times snn-train with model.kernel=torch.
+
+``launches_per_step`` counts, on the CPU, the kernels one training step (forward, backward, Adam) launches on the
+CUDA path with model.kernel=triton and with model.kernel=torch: see LaunchCounter.
 
 Usage: python scripts/benchmark.py [--seq-length 16] [--batch-size 32] [--threads 2] [--device cpu] [--json FILE]
 """
@@ -11,41 +16,51 @@ Usage: python scripts/benchmark.py [--seq-length 16] [--batch-size 32] [--thread
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
+from typing import Any
 from unittest import mock
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from snn_train.allocator import keep_freed_memory
 
 VARIANTS = (
     "snn_train_fp32",
     "snn_train_bf16",
+    "snn_train_torch_kernels",
     "reference_loop",
     "ann_limit_fp32",
     "ann_limit_bf16",
     "norse",
     "norse_tuned_allocator",
+    "spikingjelly",
 )
+CUDA_ONLY = ("snn_train_torch_kernels",)  # on the CPU, model.kernel=auto is torch: snn_train_fp32
+OPTIONAL = {"norse": "norse", "norse_tuned_allocator": "norse", "spikingjelly": "spikingjelly"}  # variant: its library
 
 
-def snn_train_step(args: argparse.Namespace) -> tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+def snn_train_step(
+    args: argparse.Namespace, kernel: str = "auto"
+) -> tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     """The training application's network and loss (encoder, model, max decoder, cross-entropy)."""
     from snn_train import ConvSNN, load_config
     from snn_train.encoders import build_encoder
     from snn_train.task import decode
 
-    cfg = load_config([f"seq_length={args.seq_length}", f"train.device={args.device}"])
-    model = ConvSNN.from_config(cfg.model, (1, 28, 28), cfg.train.compile)
+    cfg = load_config([f"seq_length={args.seq_length}", f"train.device={args.device}", f"model.kernel={kernel}"])
+    model = ConvSNN.from_config(cfg.model, (1, 28, 28), cfg.train.compile, cfg.model.kernel)
     encoder = build_encoder(cfg.encoder, cfg.seq_length)
 
     def loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -114,26 +129,146 @@ def norse_step(args: argparse.Namespace) -> tuple[nn.Module, Callable[[torch.Ten
     return model, loss
 
 
+def spikingjelly_step(
+    args: argparse.Namespace,
+) -> tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """The seed network with SpikingJelly's multi-step LIF neurons (its own LIF model: no synaptic current) and its
+    fastest backend: chosen by SpikingJelly itself from 2.0 on, CuPy on CUDA before."""
+    from spikingjelly.activation_based import functional, neuron
+
+    options = {"step_mode": "m"}
+    if "backend" in inspect.signature(neuron.LIFNode).parameters and args.device.startswith("cuda"):
+        options["backend"] = "cupy"
+
+    class SpikingJellySeed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(1, 32, 5), nn.Conv2d(32, 64, 5)
+            self.fc1, self.out = nn.Linear(1024, 1024), nn.Linear(1024, 10, bias=False)
+            self.lif0, self.lif1, self.lif2 = (neuron.LIFNode(**options) for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            T, B = x.shape[:2]
+            functional.reset_net(self)  # its neurons keep their state between calls
+            z = self.lif0(self.conv1(x.flatten(0, 1)).unflatten(0, (T, B)))
+            z = F.max_pool2d(z.flatten(0, 1), 2)
+            z = self.lif1(10 * self.conv2(z).unflatten(0, (T, B)))
+            z = F.max_pool2d(z.flatten(0, 1), 2).flatten(1)
+            z = self.lif2(self.fc1(z).unflatten(0, (T, B)))
+            return self.out(z)
+
+    model = SpikingJellySeed()
+
+    def loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = images.expand(args.seq_length, *images.shape)
+        return F.cross_entropy(model(x).max(0).values, labels)
+
+    return model, loss
+
+
 def build(
     variant: str, args: argparse.Namespace
 ) -> tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor], bool]:
     """(model, loss function, bf16 autocast?) for a variant."""
     if variant != "norse":
         keep_freed_memory()
+    if variant == "snn_train_torch_kernels":
+        return (*snn_train_step(args, kernel="torch"), False)
     if variant.startswith("snn_train"):
         return (*snn_train_step(args), variant.endswith("bf16"))
     if variant == "reference_loop":
         from snn_train import neurons
 
-        def reference(currents, p, record_voltage, compiled):  # lif_sequence's signature, the step loop's work
-            return neurons.lif_sequence_reference(currents, p, record_voltage)
+        def reference(currents, p, record_voltage, compiled, tau_mem_inv, v_th):  # lif_sequence's arguments
+            return neurons.lif_sequence_reference(currents, p, record_voltage, tau_mem_inv, v_th)
 
-        mock.patch("snn_train.model.lif_sequence", reference).start()
+        mock.patch("snn_train.lif_kernels.lif_sequence", reference).start()  # model.kernel=torch's sequence
         mock.patch("snn_train.model.li_sequence", neurons.li_sequence_reference).start()
-        return (*snn_train_step(args), False)
+        return (*snn_train_step(args, kernel="torch"), False)
     if variant.startswith("ann_limit"):
         return (*ann_step(args), variant.endswith("bf16"))
+    if variant == "spikingjelly":
+        return (*spikingjelly_step(args), False)
     return (*norse_step(args), False)
+
+
+def adam(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """Adam as snn-train builds it: on CUDA fused, one kernel per update."""
+    return torch.optim.Adam(model.parameters(), lr=2e-3, fused=True if device.type == "cuda" else None)
+
+
+NO_KERNEL = {
+    torch.ops.aten.empty.memory_format,
+    torch.ops.aten.empty_strided.default,
+    torch.ops.aten.empty_like.default,
+    torch.ops.aten.new_empty.default,
+    torch.ops.aten.new_empty_strided.default,
+    torch.ops.aten._unsafe_view.default,
+}
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts the kernels a step would launch on a GPU, from a run on the CPU: each dispatched aten operation that
+    computes or copies (not a view, not an allocation) as one, and each Triton kernel and each step compiled by
+    torch.compile (one fused kernel on a GPU) as one; the operations inside those (the interpreter's copies, the
+    compiled step run eagerly) are not counted. Operations that launch more than one kernel on a GPU (cuDNN's
+    convolutions can) count as one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.launches = 0
+        self.inside = 0  # within a counted launch
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if not self.inside and func.namespace == "aten" and not func.is_view and func not in NO_KERNEL:
+            self.launches += 1
+        return func(*args, **(kwargs or {}))
+
+    def one_launch(self, run: Callable[..., Any]) -> Callable[..., Any]:
+        """``run`` counted as one launch, whatever it dispatches."""
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.launches += not self.inside
+            self.inside += 1
+            try:
+                return run(*args, **kwargs)
+            finally:
+                self.inside -= 1
+
+        return counted
+
+
+def count_launches(kernel: str, args: argparse.Namespace) -> int:
+    """Kernels one training step (forward, backward, fused Adam, after a first step) launches on the CUDA path with
+    model.kernel=``kernel`` (triton or torch), counted in this process on the CPU: the Triton kernels run under
+    Triton's interpreter (TRITON_INTERPRET=1 must be set before snn_train.triton_lif is imported)."""
+    counter = LaunchCounter()
+    with ExitStack() as patches:
+        patches.enter_context(mock.patch("torch.compile", lambda step, **_: counter.one_launch(step)))
+        if kernel == "triton":
+            from snn_train import triton_lif
+
+            for launcher in {type(triton_lif._forward_kernel), type(triton_lif._backward_kernel)}:
+                patches.enter_context(mock.patch.object(launcher, "run", counter.one_launch(launcher.run)))
+        model, loss_fn = snn_train_step(argparse.Namespace(**{**vars(args), "device": "cpu"}), kernel)
+        optimizer = torch.optim.Adam(model.parameters(), lr=2e-3, fused=True)  # as on CUDA
+        images, labels = torch.rand(args.batch_size, 1, 28, 28), torch.randint(0, 10, (args.batch_size,))
+        for counting in (False, True):  # the first step creates Adam's state
+            with counter if counting else nullcontext():
+                loss = loss_fn(images, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    return counter.launches
+
+
+def cuda_kernels_per_step(step: Callable[[], float]) -> int:
+    """Kernels, copies and fills one step puts on the GPU, as the profiler records them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as profiled:
+        step()
+    return sum(event.device_type == torch.autograd.DeviceType.CUDA for event in profiled.events())
 
 
 def peak_rss_mb() -> float:
@@ -146,7 +281,7 @@ def time_variant(variant: str, args: argparse.Namespace) -> dict[str, float]:
     device = torch.device(args.device)
     model, loss_fn, bf16 = build(variant, args)
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    optimizer = adam(model, device)
     images = torch.rand(args.batch_size, 1, 28, 28, device=device)
     labels = torch.randint(0, 10, (args.batch_size,), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
@@ -174,6 +309,8 @@ def time_variant(variant: str, args: argparse.Namespace) -> dict[str, float]:
     result["page_faults_per_step"] = (
         resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults[args.warmup]
     ) / args.steps
+    if device.type == "cuda":
+        result["cuda_kernels_per_step"] = cuda_kernels_per_step(step)
     if variant == "snn_train_fp32":
         result["data_and_encoding_ms"] = data_and_encoding_ms(args, device)
         model.eval()
@@ -207,7 +344,14 @@ def data_and_encoding_ms(args: argparse.Namespace, device: torch.device) -> floa
     return 1000 * statistics.median(times[args.warmup :])
 
 
-def run_in_subprocess(variant: str, args: argparse.Namespace, seq_length: int) -> dict[str, float] | None:
+def run_in_subprocess(
+    variant: str,
+    args: argparse.Namespace,
+    seq_length: int,
+    options: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> Any:
+    """What ``--variant`` (or another of ``options``) prints in a fresh process; None for a library not installed."""
     command = [
         sys.executable,
         __file__,
@@ -225,13 +369,23 @@ def run_in_subprocess(variant: str, args: argparse.Namespace, seq_length: int) -
         str(args.steps),
         "--warmup",
         str(args.warmup),
+        *options,
     ]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        if variant.startswith("norse") and "No module named 'norse'" in done.stderr:
+        if variant in OPTIONAL and f"No module named '{OPTIONAL[variant]}'" in done.stderr:
             return None
         raise RuntimeError(f"{variant} failed:\n{done.stderr}")
     return json.loads(done.stdout.splitlines()[-1])
+
+
+def launches_per_step(args: argparse.Namespace) -> dict[str, int]:
+    """count_launches for both kernel choices, each in a fresh process under Triton's interpreter."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return {
+        f"cuda_{kernel}": run_in_subprocess("snn_train_fp32", args, args.seq_length, ("--count-launches", kernel), env)
+        for kernel in ("triton", "torch")
+    }
 
 
 def main() -> None:
@@ -244,13 +398,23 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", help="write all figures to this file")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--count-launches", choices=("triton", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.count_launches:
+        print(json.dumps(count_launches(args.count_launches, args)))
+        return
     if args.variant:
         print(json.dumps(time_variant(args.variant, args)))
         return
 
-    results = {variant: run_in_subprocess(variant, args, args.seq_length) for variant in VARIANTS}
+    cuda = torch.device(args.device).type == "cuda"
+    results = {
+        variant: run_in_subprocess(variant, args, args.seq_length)
+        for variant in VARIANTS
+        if cuda or variant not in CUDA_ONLY
+    }
+    launches = launches_per_step(args)
     growth = {str(T): run_in_subprocess("snn_train_fp32", args, T) for T in (8, 16, 32, 64)}
     report = {
         "config": {
@@ -270,7 +434,10 @@ def main() -> None:
             T: {"train_step_ms": round(r["train_step_ms"], 1), "peak_memory_mb": round(r["peak_memory_mb"], 1)}
             for T, r in growth.items()
         },
+        "launches_per_step": launches,
     }
+    if cuda:
+        report["cuda_kernels_per_step"] = {k: v and v["cuda_kernels_per_step"] for k, v in results.items()}
     limit, norse = results["ann_limit_fp32"]["train_step_ms"], results["norse"] and results["norse"]["train_step_ms"]
     print(f"T={args.seq_length} B={args.batch_size} threads={args.threads} device={args.device}")
     print(
@@ -279,7 +446,7 @@ def main() -> None:
     )
     for variant, r in results.items():
         if r is None:
-            print(f"{variant:<22}{'(Norse not installed)':>30}")
+            print(f"{variant:<22}{f'({OPTIONAL[variant]} not installed)':>30}")
             continue
         speedup = f"{norse / r['train_step_ms']:.2f}" if norse else "-"
         print(
@@ -298,6 +465,9 @@ def main() -> None:
     print(f"inference (no_grad, eval): {report['inference_samples_per_s']:.0f} samples/s")
     for T, r in report["memory_by_seq_length"].items():
         print(f"T={T:>3}: {r['train_step_ms']:8.1f} ms/step, peak {r['peak_memory_mb']:7.0f} MB")
+    print(f"kernel launches per training step on the CUDA path (counted on the CPU): {launches}")
+    if cuda:
+        print(f"kernels, copies and fills per step on this GPU (profiler): {report['cuda_kernels_per_step']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -1,4 +1,5 @@
-"""Running a Hydra app as a command: the schema registered, and every error a user can cause in one line.
+"""Running a Hydra app as a command: the schema registered, ``--version`` answered, and every error a user can cause
+in one line.
 
 An entry point is ``run_app("<command>", app)``, with ``app`` wrapping its work in ``errors.reported("<command>")``.
 """
@@ -12,7 +13,7 @@ from collections.abc import Callable
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 
-from snn_train import schema
+from snn_train import schema, usage
 from snn_train.errors import fail
 
 
@@ -38,9 +39,14 @@ def raised_in_hydra(error: BaseException) -> bool:
 
 def run_app(command: str, app: Callable[[], object]) -> None:
     """Run a Hydra app (e.g. a ``@hydra.main`` function called without arguments) as the entry point ``command``:
-    the schema registered, Hydra's own errors (bad overrides, a run folder it cannot create) in ``fail``'s one line
-    too. The app reports ours with ``errors.reported(command)``."""
+    the schema and the help's resolvers registered, ``--version`` answered with this package's version (Hydra's names
+    only Hydra), Hydra's own errors (bad overrides, a run folder it cannot create) in ``fail``'s one line too. The app
+    reports ours with ``errors.reported(command)``."""
+    if "--version" in sys.argv[1:]:
+        print(usage.version_line(command))
+        sys.exit(0)
     schema.register()
+    usage.register()
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors to us instead of printing them with a stack trace
     try:
         app()

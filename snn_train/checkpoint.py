@@ -48,6 +48,7 @@ CHANGEABLE_ON_RESUME = (
     "train.test_on",
     "train.precision",
     "train.compile",
+    "model.kernel",
     "log",
     "data.root",
     "data.download",

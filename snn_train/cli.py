@@ -1,4 +1,5 @@
-"""The thin Hydra entry points: compose the config, check it, hand it to train.fit or report.evaluate_checkpoint.
+"""The thin Hydra entry points: compose the config, check it, hand it to train.fit, report.evaluate_checkpoint or
+export.export_checkpoint.
 
 Each entry point runs its ``@hydra.main`` app through ``app.run_app``, which reports every error a user can cause
 as one line ``<command>: error: …`` with exit code 2.
@@ -13,13 +14,16 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
+from omegaconf import OmegaConf
 
 from snn_train import distributed
 from snn_train.app import run_app
-from snn_train.config import validate, validate_eval
+from snn_train.config import validate, validate_eval, validate_export
 from snn_train.errors import reported
+from snn_train.export import export_checkpoint
+from snn_train.export import format_report as format_export_report
 from snn_train.report import evaluate_checkpoint, format_report
-from snn_train.schema import Config, EvalConfig
+from snn_train.schema import Config, EvalConfig, ExportConfig
 from snn_train.train import fit
 
 
@@ -61,7 +65,7 @@ def run_eval(cfg: EvalConfig) -> float:
     with reported("snn-eval"):
         validate_eval(cfg)
         cfg.checkpoint = to_absolute_path(cfg.checkpoint)
-        if cfg.data.root is not None:
+        if not OmegaConf.is_missing(cfg.data, "root"):
             cfg.data.root = to_absolute_path(cfg.data.root)
         report = evaluate_checkpoint(cfg)
     print(format_report(report))
@@ -71,3 +75,20 @@ def run_eval(cfg: EvalConfig) -> float:
 def evaluate() -> None:
     """``snn-eval``: run the evaluation app."""
     run_app("snn-eval", run_eval)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="export")
+def run_export(cfg: ExportConfig) -> None:
+    """Write a checkpoint's network as a NIR graph (model.nir beside it by default) and print what went where."""
+    with reported("snn-export"):
+        validate_export(cfg)
+        cfg.checkpoint = to_absolute_path(cfg.checkpoint)
+        if cfg.out is not None:
+            cfg.out = to_absolute_path(cfg.out)
+        report = export_checkpoint(cfg)
+    print(format_export_report(report))
+
+
+def export() -> None:
+    """``snn-export``: run the export app."""
+    run_app("snn-export", run_export)

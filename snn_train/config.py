@@ -16,10 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from snn_train import schema
-from snn_train.data import DATASETS
+from snn_train.data import DATASETS, check_installed
 from snn_train.distributed import resolve_device
-from snn_train.encoders import ENCODERS
+from snn_train.encoders import ENCODERS, EVENT_ENCODERS
 from snn_train.errors import ConfigError
+from snn_train.lif_kernels import KERNELS, triton_runs_on
 from snn_train.surrogates import SURROGATES
 from snn_train.task import DECODERS, OPTIMIZERS, PRECISIONS, SCHEDULERS, build_optimizer
 
@@ -93,7 +94,7 @@ def _check_complete(cfg: DictConfig) -> None:
 
 
 def check_model(cfg: DictConfig) -> None:
-    """``model``: time constants, threshold, layer sizes, dropout, surrogate."""
+    """``model``: time constants, threshold, layer sizes, dropout, surrogate, the LIF kernels for the device."""
     model, lif = cfg.model, cfg.model.lif
     for key in ("dt", "tau_syn_inv", "tau_mem_inv", "alpha"):
         _check_positive(cfg, f"model.lif.{key}", "time constants (as inverses), dt and alpha must be positive")
@@ -115,6 +116,12 @@ def check_model(cfg: DictConfig) -> None:
         learnable = lif.dt * lif.tau_mem_inv < 1
         _check(learnable, "model.learn_tau_mem needs model.lif.dt·tau_mem_inv < 1 (it is learned as a sigmoid)")
     _check_choice(cfg, "model.surrogate", SURROGATES)
+    _check_choice(cfg, "model.kernel", KERNELS)
+    _check(
+        model.kernel != "triton" or triton_runs_on(resolve_device(cfg.train.device)),
+        f"model.kernel=triton needs Triton and a CUDA GPU (train.device={cfg.train.device}); "
+        "use model.kernel=auto or torch",
+    )
 
 
 def check_encoder(cfg: DictConfig) -> None:
@@ -128,6 +135,40 @@ def check_encoder(cfg: DictConfig) -> None:
     if cfg.encoder.name == "constant_current":
         _check_positive(cfg, "encoder.tau_mem_inv", "e.g. encoder.tau_mem_inv=100")
         _check(cfg.encoder.v_th > cfg.encoder.v_reset, "encoder.v_th must be above encoder.v_reset")
+
+
+def check_encoder_for_data(encoder_name: str, data_name: str) -> None:
+    """An encoder for the data's kind: ``EVENT_ENCODERS`` for event data sets, the others for images."""
+    if DATASETS[data_name].events:
+        _check(
+            encoder_name in EVENT_ENCODERS,
+            f"data={data_name} holds event frames, which encoder={encoder_name} cannot take (it encodes images); "
+            f"use encoder={' or encoder='.join(EVENT_ENCODERS)}",
+        )
+    else:
+        _check(
+            encoder_name not in EVENT_ENCODERS,
+            f"encoder={encoder_name} takes event frames, but data={data_name} holds images; "
+            f"use an event data set ({', '.join(name for name in DATASETS if DATASETS[name].events)}) or an image "
+            f"encoder ({', '.join(name for name in ENCODERS if name not in EVENT_ENCODERS)})",
+        )
+
+
+def check_data(cfg: DictConfig) -> None:
+    """``data``: a data set that is installed, its event binning, and an encoder and augmentation for its kind."""
+    _check_choice(cfg, "data.name", DATASETS)
+    check_installed(cfg.data.name)
+    check_encoder_for_data(cfg.encoder.name, cfg.data.name)
+    if not DATASETS[cfg.data.name].events:
+        return
+    window = cfg.data.time_window_ms
+    _check(
+        window is None or round(window * 1000) >= 1,
+        f"data.time_window_ms must be at least 0.001 (1 µs, the timestamps' unit), got {window}; "
+        "or null for seq_length equal bins per recording",
+    )
+    off = all(cfg.augment[key] == 0 for key in ("shift", "rotate", "scale"))
+    _check(off, f"augment.* transforms images; data={cfg.data.name} holds event frames: leave augment.* at 0")
 
 
 def check_optim(cfg: DictConfig) -> None:
@@ -147,10 +188,9 @@ def check_optim(cfg: DictConfig) -> None:
 
 
 def check_train(cfg: DictConfig) -> None:
-    """``train``, ``seq_length``, ``decoder``, ``data`` and ``augment``: sizes, ranges, choices, the device."""
+    """``train``, ``seq_length``, ``decoder`` and ``augment``: sizes, ranges, choices, the device."""
     _check_positive(cfg, "seq_length", "the number of time steps T, e.g. seq_length=16")
     _check_choice(cfg, "decoder", DECODERS)
-    _check_choice(cfg, "data.name", DATASETS)
     _check_positive(cfg, "train.epochs", "e.g. train.epochs=1")
     _check_positive(cfg, "train.batch_size", "e.g. train.batch_size=32")
     _check_positive(cfg, "train.eval_batch_size", "e.g. train.eval_batch_size=256")
@@ -201,6 +241,7 @@ def validate(cfg: DictConfig) -> None:
     check_log(cfg)
     check_model(cfg)
     check_encoder(cfg)
+    check_data(cfg)
     check_optim(cfg)
 
 
@@ -214,6 +255,14 @@ def validate_eval(cfg: DictConfig) -> None:
         _check_positive(cfg, "limit_batches", "or limit_batches=null for the whole test set")
     raster_samples = OmegaConf.select(cfg, "raster_samples")
     _check(raster_samples is not None and raster_samples >= 0, f"raster_samples must be >= 0, got {raster_samples}")
-    if OmegaConf.select(cfg, "data.name") is not None:
+    if OmegaConf.select(cfg, "data.name") is not None:  # ??? (the checkpoint's) selects as None
         _check_choice(cfg, "data.name", DATASETS)
     resolve_device(OmegaConf.select(cfg, "device") or "", "device")
+
+
+def validate_export(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first impossible value of an ``snn-export`` config (configs/export.yaml)."""
+    no_checkpoint = "no checkpoint given; use snn-export checkpoint=<checkpoint file or run directory>"
+    _check(not OmegaConf.is_missing(cfg, "checkpoint"), no_checkpoint)
+    shape = list(cfg.input_shape)
+    _check(len(shape) == 3 and min(shape) > 0, f"input_shape must be [channels, height, width], each > 0, got {shape}")

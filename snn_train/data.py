@@ -2,30 +2,28 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torchvision import datasets
 
-from snn_train.errors import DataError
-from snn_train.schema import DataConfig
+from snn_train.errors import ConfigError, DataError
+from snn_train.schema import DataConfig, EventDataConfig
 
-DATASETS: dict[str, type[datasets.MNIST]] = {  # data.name → its torchvision class; configs/data/<name>.yaml
-    "mnist": datasets.MNIST,
-    "fashion_mnist": datasets.FashionMNIST,
-    "kmnist": datasets.KMNIST,
-}
 NUM_CLASSES = 10
 IDX_UBYTE = 0x08
 
 
 @dataclass
 class Split:
-    """One split in memory: images uint8 [N, H, W] and labels int64 [N]."""
+    """One split in memory, uint8: images [N, H, W] or, for event data, frames of event counts [N, T, C, H, W]; labels
+    int64 [N]."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -35,6 +33,22 @@ class Split:
 
     def to(self, device: torch.device) -> Split:
         return Split(self.images.to(device), self.labels.to(device))
+
+    @property
+    def events(self) -> bool:
+        """Whether the split holds event frames rather than images."""
+        return self.images.dim() == 5
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one sample's input at one time step, which the network is built for."""
+        return tuple(self.images.shape[2:]) if self.events else (1, *self.images.shape[1:])
+
+    def encoder_input(self, index: torch.Tensor | slice) -> torch.Tensor:
+        """The samples ``index`` as the encoders take them: images float [B, 1, H, W] in [0, 1], event frames float
+        [B, T, C, H, W] counts."""
+        samples = self.images[index]
+        return samples.float() if self.events else to_unit_interval(samples)
 
 
 def check_idx_file(path: Path, ndim: int) -> int:
@@ -83,9 +97,9 @@ def _check_raw_files(raw_folder: Path, train: bool) -> None:
         check_labels(labels)
 
 
-def load_split(data_cfg: DataConfig, train: bool) -> Split:
-    """Load the train or test split of ``data_cfg.name`` from ``data_cfg.root`` (downloading if allowed)."""
-    dataset_class = DATASETS[data_cfg.name]
+def load_images(dataset_class: type[datasets.MNIST], data_cfg: DataConfig, train: bool, seq_length: int) -> Split:
+    """The train or test split of torchvision's ``dataset_class`` from ``data_cfg.root`` (downloading if allowed); T
+    plays no part in images."""
     root = Path(data_cfg.root)
     raw_folder = root / dataset_class.__name__ / "raw"
     _check_raw_files(raw_folder, train)
@@ -98,6 +112,48 @@ def load_split(data_cfg: DataConfig, train: bool) -> Split:
             f"put the IDX files there or point data.root at the folder that holds {dataset_class.__name__}/raw"
         ) from None
     return Split(dataset.data.to(torch.uint8), dataset.targets.to(torch.int64))
+
+
+def load_events(data_cfg: EventDataConfig, train: bool, seq_length: int) -> Split:
+    """N-MNIST's split binned into ``seq_length`` frames per sample (snn_train.nmnist)."""
+    from snn_train import nmnist  # imports tonic, an optional extra that takes seconds to import: only for event data
+
+    return nmnist.load_split(data_cfg, train, seq_length)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A ``data.name`` choice: how its splits are loaded, what they hold, and what it needs installed."""
+
+    load: Callable[[DataConfig, bool, int], Split]  # (data config, train split?, T) → the split in memory
+    events: bool = False  # event frames [N, T, C, H, W] (encoder=events), not images [N, H, W]
+    schema: type[DataConfig] = DataConfig  # its data.* keys; configs/data/<name>.yaml names it too
+    module: str | None = None  # a module it needs from the optional extra ``extra`` (pyproject.toml)
+    extra: str | None = None
+
+
+DATASETS: dict[str, Dataset] = {  # data.name → how it is loaded; configs/data/<name>.yaml
+    "mnist": Dataset(functools.partial(load_images, datasets.MNIST)),
+    "fashion_mnist": Dataset(functools.partial(load_images, datasets.FashionMNIST)),
+    "kmnist": Dataset(functools.partial(load_images, datasets.KMNIST)),
+    "nmnist": Dataset(load_events, events=True, schema=EventDataConfig, module="tonic", extra="events"),
+}
+
+
+def check_installed(name: str) -> None:
+    """ConfigError if data set ``name`` needs an optional extra that is not installed."""
+    dataset = DATASETS[name]
+    if dataset.module is not None and importlib.util.find_spec(dataset.module) is None:
+        raise ConfigError(
+            f"data={name} needs {dataset.module}, which the optional extra {dataset.extra} installs: "
+            f"pip install 'snn-train[{dataset.extra}]' (in a clone: pip install -e '.[{dataset.extra}]')"
+        )
+
+
+def load_split(data_cfg: DataConfig, train: bool, seq_length: int) -> Split:
+    """The train or test split of ``data_cfg.name`` in memory, for T = ``seq_length`` time steps."""
+    check_installed(data_cfg.name)
+    return DATASETS[data_cfg.name].load(data_cfg, train, seq_length)
 
 
 def stratified_counts(class_sizes: torch.Tensor, size: int) -> torch.Tensor:

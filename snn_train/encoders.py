@@ -1,4 +1,5 @@
-"""Encoders: images with values in [0, 1] ([B, C, H, W]) into input sequences [T, B, C, H, W]."""
+"""Encoders: images with values in [0, 1] ([B, C, H, W]), or event frames ([B, T, C, H, W]), into input sequences
+[T, B, C, H, W]."""
 
 from __future__ import annotations
 
@@ -107,12 +108,32 @@ class ConstantCurrentEncoder(nn.Module):
         )
 
 
+class EventsEncoder(nn.Module):
+    """Event frames as input spikes: frame t of a sample is the input at step t, its counts clipped to 1 (a pixel with
+    events spikes once) if ``clip``, else kept, times input_scale."""
+
+    def __init__(self, seq_length: int, input_scale: float, clip: bool) -> None:
+        super().__init__()
+        self.seq_length = seq_length
+        self.input_scale = input_scale
+        self.clip = clip
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        spikes = frames.clamp(max=1.0) if self.clip else frames
+        return spikes.transpose(0, 1) * self.input_scale
+
+    def extra_repr(self) -> str:
+        return f"seq_length={self.seq_length}, input_scale={self.input_scale}, clip={self.clip}"
+
+
 ENCODERS: dict[str, type[nn.Module]] = {  # encoder.name → class; its config is configs/encoder/<name>.yaml
     "direct": DirectEncoder,
     "poisson": PoissonEncoder,
     "latency": LatencyEncoder,
     "constant_current": ConstantCurrentEncoder,
+    "events": EventsEncoder,
 }
+EVENT_ENCODERS = ("events",)  # the encoders that take event frames (event data sets); the others take images
 
 
 def build_encoder(encoder_cfg: EncoderConfig, seq_length: int) -> nn.Module:

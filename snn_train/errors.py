@@ -29,6 +29,10 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint or run-folder file that cannot be written or read; the message names the path and the reason."""
 
 
+class ExportError(UserError, ValueError):
+    """A network or request the NIR export cannot serve (snn-export); the message names the part and the fix."""
+
+
 class TrainingError(UserError, RuntimeError):
     """The run cannot go on (a NaN or infinite loss); the message gives the step and the checkpoint left intact."""
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from snn_train import distributed
-from snn_train.data import Split, batch_indices, to_unit_interval
+from snn_train.data import Split, batch_indices
 from snn_train.model import ConvSNN, LayerTrace
 from snn_train.task import autocast, decode, encoded_shard
 
@@ -123,7 +123,7 @@ def sample_forward(
     training = model.training
     with random_states_kept(split.labels.device):
         model.eval()
-        encoded = encoder(to_unit_interval(split.images[:samples]))
+        encoded = encoder(split.encoder_input(slice(samples)))
         trace: dict[str, LayerTrace] = {}
         voltages = model(encoded, trace)
         model.train(training)

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from snn_train.neurons import LIFParameters, LIParameters, li_sequence, lif_sequence
+from snn_train.lif_kernels import KERNELS
+from snn_train.neurons import LIFParameters, LIParameters, li_sequence
 from snn_train.schema import ModelConfig
 
 
@@ -26,15 +27,22 @@ class LIF(nn.Module):
     """A layer of LIF neurons: input currents [T, B, ...] to spikes [T, B, ...] in one call.
 
     ``learn_tau_mem`` and ``learn_v_th`` make the layer's membrane time constant and threshold parameters (one each,
-    PLIF style); the time constant as dt·tau_mem_inv = sigmoid(w), which keeps the Euler step stable.
+    PLIF style); the time constant as dt·tau_mem_inv = sigmoid(w), which keeps the Euler step stable. ``kernel``
+    (``model.kernel``) names the ``KERNELS`` entry that runs the sequence.
     """
 
     def __init__(
-        self, p: LIFParameters, compiled: bool = False, learn_tau_mem: bool = False, learn_v_th: bool = False
+        self,
+        p: LIFParameters,
+        compiled: bool = False,
+        learn_tau_mem: bool = False,
+        learn_v_th: bool = False,
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
         self.p = p
         self.compiled = compiled
+        self.kernel = kernel
         decay = p.dt * p.tau_mem_inv
         self.tau_mem_logit = nn.Parameter(torch.tensor(math.log(decay / (1 - decay)))) if learn_tau_mem else None
         self.v_th = nn.Parameter(torch.tensor(p.v_th)) if learn_v_th else None
@@ -51,7 +59,8 @@ class LIF(nn.Module):
         record_voltage: bool = True,
     ) -> torch.Tensor:
         record_voltage = record_voltage and trace is not None
-        spikes, voltage = lif_sequence(currents, self.p, record_voltage, self.compiled, self.tau_mem_inv(), self.v_th)
+        run = KERNELS[self.kernel](currents)
+        spikes, voltage = run(currents, self.p, record_voltage, self.compiled, self.tau_mem_inv(), self.v_th)
         if trace is not None:
             trace[name] = LayerTrace(spikes.detach(), voltage)
         return spikes
@@ -62,7 +71,7 @@ class LIF(nn.Module):
             f"tau_syn_inv={p.tau_syn_inv}, tau_mem_inv={p.tau_mem_inv}, v_leak={p.v_leak}, v_th={p.v_th}, "
             f"v_reset={p.v_reset}, dt={p.dt}, surrogate={p.surrogate}, alpha={p.alpha}, "
             f"learn_tau_mem={self.tau_mem_logit is not None}, learn_v_th={self.v_th is not None}, "
-            f"compiled={self.compiled}"
+            f"compiled={self.compiled}, kernel={self.kernel}"
         )
 
 
@@ -116,8 +125,8 @@ class ConvSNN(nn.Module):
     [dropout] → linear → LI readout.
 
     Input [T, B, C, H, W]; output readout voltages [T, B, num_classes]. Stateless layers run once
-    over the T·B-flattened tensor; each LIF layer runs the whole sequence in one call, its backward
-    steps compiled with torch.compile if ``compiled``.
+    over the T·B-flattened tensor; each LIF layer runs the whole sequence in one call with the ``kernel`` chosen (see
+    LIF), its torch backward steps compiled with torch.compile if ``compiled``.
     """
 
     def __init__(
@@ -137,6 +146,7 @@ class ConvSNN(nn.Module):
         dropout: float = 0.0,
         learn_tau_mem: bool = False,
         learn_v_th: bool = False,
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
         if not len(conv_channels) == len(kernel_sizes) == len(conv_scales):
@@ -149,11 +159,11 @@ class ConvSNN(nn.Module):
             nn.Conv2d(c_in, c_out, k) for c_in, c_out, k in zip(channels, channels[1:], kernel_sizes)
         )
         self.norms = nn.ModuleList(nn.BatchNorm2d(c) if batch_norm else nn.Identity() for c in conv_channels)
-        self.conv_lifs = nn.ModuleList(LIF(lif, compiled, learn_tau_mem, learn_v_th) for _ in conv_channels)
+        self.conv_lifs = nn.ModuleList(LIF(lif, compiled, learn_tau_mem, learn_v_th, kernel) for _ in conv_channels)
         self.dropout = dropout
         features = [self._flat_features(), *fc_features]
         self.fcs = nn.ModuleList(nn.Linear(f_in, f_out) for f_in, f_out in zip(features, features[1:]))
-        self.fc_lifs = nn.ModuleList(LIF(lif, compiled, learn_tau_mem, learn_v_th) for _ in fc_features)
+        self.fc_lifs = nn.ModuleList(LIF(lif, compiled, learn_tau_mem, learn_v_th, kernel) for _ in fc_features)
         self.readout_linear = nn.Linear(features[-1], num_classes, bias=readout_bias)
         self.readout = LI(readout)
 
@@ -164,8 +174,11 @@ class ConvSNN(nn.Module):
         )
 
     @classmethod
-    def from_config(cls, model_cfg: ModelConfig, input_shape: Sequence[int], compiled: bool = False) -> ConvSNN:
-        """Build from the ``model`` config node (see configs/model/)."""
+    def from_config(
+        cls, model_cfg: ModelConfig, input_shape: Sequence[int], compiled: bool = False, kernel: str = "auto"
+    ) -> ConvSNN:
+        """Build from the ``model`` config node (see configs/model/); ``kernel`` is model.kernel when training (snn-eval
+        chooses for its own device)."""
         lif = LIFParameters(surrogate=model_cfg.surrogate, **model_cfg.lif)
         readout = LIParameters(dt=model_cfg.lif.dt, **model_cfg.readout)
         return cls(
@@ -184,6 +197,7 @@ class ConvSNN(nn.Module):
             dropout=model_cfg.dropout,
             learn_tau_mem=model_cfg.learn_tau_mem,
             learn_v_th=model_cfg.learn_v_th,
+            kernel=kernel,
         )
 
     def _flat_features(self) -> int:

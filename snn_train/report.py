@@ -11,25 +11,39 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from snn_train.checkpoint import BEST, LAST, find_checkpoint, load_checkpoint, write_atomically
-from snn_train.data import Split, load_split
+from snn_train.config import check_encoder_for_data
+from snn_train.data import DATASETS, Split, load_split
 from snn_train.distributed import resolve_device
 from snn_train.encoders import build_encoder
 from snn_train.errors import CheckpointError, DataError
 from snn_train.evaluation import TestCounts, evaluate, per_class_accuracy, sample_forward
 from snn_train.model import ConvSNN
-from snn_train.schema import Config, DataConfig, EvalConfig, EvalDataConfig
+from snn_train.schema import Config, DataConfig, EvalConfig
 from snn_train.task import seed_everything
 from snn_train.tensorboard import RunLogger
 
-# The keys of a checkpoint's config snn-eval uses (and key prefixes): the network, its input and the test data.
-EVAL_USES = ("model.", "encoder.", "seq_length", "decoder", "data.name", "data.root", "data.download", "train.seed")
+# Keys of a training config snn-eval has no use for, which a checkpoint written before they existed lacks: how the run
+# computed (snn-eval's choice), split off its validation set, validated, stopped and tested.
+NOT_FOR_EVAL = (
+    "model.kernel",
+    "data.val_size",
+    "data.split_seed",
+    "log.val_every_n_steps",
+    "train.early_stopping_patience",
+    "train.test_on",
+)
 
 
 def training_config(file: Path, checkpoint: dict[str, Any]) -> DictConfig:
     """The config the checkpoint was trained with; one from an older snn-train that lacks a key snn-eval uses is
     refused."""
-    train_cfg = OmegaConf.merge(OmegaConf.structured(Config), checkpoint["config"])
-    missing = sorted(key for key in OmegaConf.missing_keys(train_cfg) if key.startswith(EVAL_USES))
+    saved = checkpoint["config"]
+    schema = OmegaConf.structured(Config)
+    dataset = DATASETS.get(saved.get("data", {}).get("name"))
+    if dataset is not None:
+        schema.data = OmegaConf.structured(dataset.schema)  # an event data set's keys are more than DataConfig's
+    train_cfg = OmegaConf.merge(schema, saved)
+    missing = sorted(set(OmegaConf.missing_keys(train_cfg)) - set(NOT_FOR_EVAL))
     if missing:
         raise CheckpointError(
             f"{file}: its config lacks {', '.join(missing)} (written by an older snn-train, which can evaluate it)"
@@ -41,8 +55,9 @@ def build_network(checkpoint: dict[str, Any], train_cfg: Config, test_set: Split
     """The checkpoint's network for this data's image size, or DataError if the data does not fit it."""
     if not len(test_set):
         raise DataError(f"the {data_name} test set is empty")
-    input_shape = (1, *test_set.images.shape[1:])
-    incompatible = f"{data_name} test images {tuple(input_shape)} do not fit the checkpoint's network"
+    input_shape = test_set.input_shape
+    samples = "event frames" if test_set.events else "images"
+    incompatible = f"{data_name} test {samples} {input_shape} do not fit the checkpoint's network"
     try:
         model = ConvSNN.from_config(train_cfg.model, input_shape)
         model.load_state_dict(checkpoint["model"])
@@ -83,9 +98,9 @@ def report(
     }
 
 
-def test_data(chosen: EvalDataConfig, trained_on: DataConfig) -> DictConfig:
-    """The data set to test: snn-eval's ``data`` keys where given, the checkpoint's own elsewhere."""
-    given = {key: value for key, value in OmegaConf.to_container(chosen).items() if value is not None}
+def test_data(chosen: DictConfig, trained_on: DataConfig) -> DictConfig:
+    """The data set to test: snn-eval's ``data`` keys where given, the checkpoint's own where missing (``???``)."""
+    given = {key: chosen[key] for key in chosen if not OmegaConf.is_missing(chosen, key)}
     return OmegaConf.merge(trained_on, given)
 
 
@@ -97,7 +112,8 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     train_cfg = training_config(file, checkpoint)
     data_cfg = test_data(cfg.data, train_cfg.data)
     device = resolve_device(cfg.device, "device")
-    test_set = load_split(data_cfg, train=False)
+    check_encoder_for_data(train_cfg.encoder.name, data_cfg.name)
+    test_set = load_split(data_cfg, train=False, seq_length=train_cfg.seq_length)
     model = build_network(checkpoint, train_cfg, test_set, data_cfg.name).to(device)
     test_set = test_set.to(device)
     encoder = build_encoder(train_cfg.encoder, train_cfg.seq_length).to(device)

@@ -49,6 +49,7 @@ class ModelConfig:
     dropout: float = MISSING
     learn_tau_mem: bool = MISSING
     learn_v_th: bool = MISSING
+    kernel: str = MISSING
     lif: LIFConfig = field(default_factory=LIFConfig)
     readout: ReadoutConfig = field(default_factory=ReadoutConfig)
 
@@ -79,8 +80,13 @@ class ConstantCurrentEncoderConfig(DirectEncoderConfig):
     dt: float = MISSING
 
 
+@dataclass
+class EventsEncoderConfig(DirectEncoderConfig):
+    clip: bool = MISSING
+
+
 # encoder: one of these (LatencyEncoderConfig is DirectEncoderConfig's fields)
-EncoderConfig = DirectEncoderConfig | PoissonEncoderConfig | ConstantCurrentEncoderConfig
+EncoderConfig = DirectEncoderConfig | PoissonEncoderConfig | ConstantCurrentEncoderConfig | EventsEncoderConfig
 
 
 @dataclass
@@ -93,12 +99,9 @@ class DataConfig:
 
 
 @dataclass
-class EvalDataConfig:
-    """snn-eval's ``data``: each key None takes the checkpoint's own value."""
-
-    name: str | None = MISSING
-    root: str | None = MISSING
-    download: bool | None = MISSING
+class EventDataConfig(DataConfig):
+    time_window_ms: float | None = MISSING
+    first_saccade_only: bool = MISSING
 
 
 @dataclass
@@ -167,12 +170,19 @@ class Config:
 @dataclass
 class EvalConfig:
     checkpoint: str = MISSING
-    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    data: Any = MISSING  # name, root, download: each ??? takes the checkpoint's; data=<name> sets a data set's keys
     device: str = MISSING
     batch_size: int = MISSING
     limit_batches: int | None = MISSING
     tensorboard: bool = MISSING
     raster_samples: int = MISSING
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = MISSING
+    out: str | None = MISSING
+    input_shape: list[int] = MISSING
 
 
 def hydra_run_dir(resume: str | None, new_dir: str) -> str:
@@ -190,14 +200,17 @@ def run_started(pattern: str) -> str:
 
 
 def register() -> None:
-    """Put the schemas where configs/config.yaml, configs/eval.yaml and configs/encoder/*.yaml find them, and the
-    resolvers configs/config.yaml uses; calling it again changes nothing."""
+    """Put the schemas where configs/config.yaml, eval.yaml, export.yaml, configs/encoder/*.yaml and
+    configs/data/nmnist.yaml find them, and the resolvers configs/config.yaml uses; calling it again changes nothing."""
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="export_schema", node=ExportConfig)
     cs.store(group="schema/encoder", name="direct", node=DirectEncoderConfig)
     cs.store(group="schema/encoder", name="latency", node=LatencyEncoderConfig)
     cs.store(group="schema/encoder", name="poisson", node=PoissonEncoderConfig)
     cs.store(group="schema/encoder", name="constant_current", node=ConstantCurrentEncoderConfig)
+    cs.store(group="schema/encoder", name="events", node=EventsEncoderConfig)
+    cs.store(group="schema/data", name="events", node=EventDataConfig)
     OmegaConf.register_new_resolver("snn_train_run_dir", hydra_run_dir, replace=True)
     OmegaConf.register_new_resolver("snn_train_now", run_started, use_cache=True, replace=True)

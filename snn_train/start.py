@@ -54,13 +54,13 @@ def start_run(cfg: Config, run_dir: Path) -> Run:
     resumed = load_for_resume(cfg) if cfg.train.resume is not None else None
     device = distributed.local_device(resolve_device(cfg.train.device))
     keep_freed_memory()
-    train_set, val_set = training_splits(cfg, load_split(cfg.data, train=True))
+    train_set, val_set = training_splits(cfg, load_split(cfg.data, train=True, seq_length=cfg.seq_length))
     train_set, val_set = train_set.to(device), val_set.to(device) if val_set is not None else None
-    test_set = load_split(cfg.data, train=False).to(device)
+    test_set = load_split(cfg.data, train=False, seq_length=cfg.seq_length).to(device)
     seed_everything(cfg.train.seed)
     data_order = torch.Generator().manual_seed(cfg.train.seed)
 
-    model = build_model(cfg, (1, *train_set.images.shape[1:]), device)
+    model = build_model(cfg, train_set.input_shape, device)
     encoder = build_encoder(cfg.encoder, cfg.seq_length).to(device)
     steps_per_epoch = math.ceil(len(train_set) / cfg.train.batch_size)
     if cfg.train.limit_batches is not None:

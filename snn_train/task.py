@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from snn_train import distributed
 from snn_train.augment import random_affine
-from snn_train.data import NUM_CLASSES, Split, to_unit_interval
+from snn_train.data import NUM_CLASSES, Split
 from snn_train.errors import ConfigError
 from snn_train.model import ConvSNN
 from snn_train.schema import AugmentConfig, Config, LossConfig, OptimConfig
@@ -53,12 +53,17 @@ def _beta1(optim_cfg: OptimConfig) -> float:
     return optim_cfg.momentum
 
 
+def _fused(groups: list[dict]) -> bool | None:
+    """On a GPU, Adam's update as one fused kernel per parameter group instead of several per parameter."""
+    return True if groups[0]["params"][0].is_cuda else None
+
+
 def _adam(groups: list[dict], optim_cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(groups, lr=optim_cfg.lr, betas=(_beta1(optim_cfg), 0.999))
+    return torch.optim.Adam(groups, lr=optim_cfg.lr, betas=(_beta1(optim_cfg), 0.999), fused=_fused(groups))
 
 
 def _adamw(groups: list[dict], optim_cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(_beta1(optim_cfg), 0.999))
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(_beta1(optim_cfg), 0.999), fused=_fused(groups))
 
 
 def _sgd(groups: list[dict], optim_cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -73,9 +78,9 @@ OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]
 
 
 def build_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The ``OPTIMIZERS`` entry named by optim.name. Adam and AdamW take ``momentum`` as beta1; SGD as its momentum.
-    Weight decay applies to the conv and fc weights only, not to biases, batch-norm parameters, thresholds or time
-    constants."""
+    """The ``OPTIMIZERS`` entry named by optim.name. Adam and AdamW take ``momentum`` as beta1 (and on a GPU update in
+    one fused kernel per group); SGD as its momentum. Weight decay applies to the conv and fc weights only, not to
+    biases, batch-norm parameters, thresholds or time constants."""
     parameters = list(model.parameters())
     groups = [
         {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": optim_cfg.weight_decay},
@@ -120,9 +125,11 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
 
 
 def seed_everything(seed: int) -> None:
-    """Python's and torch's global random states: the encoder's, augmentation's and dropout's draws follow them."""
+    """Python's and torch's global random states: the encoder's, augmentation's and dropout's draws follow them. The
+    same seed, the same run on a GPU too, where cuDNN then picks only deterministic algorithms."""
     random.seed(seed)
     torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = True
 
 
 def encoded_shard(
@@ -135,8 +142,8 @@ def encoded_shard(
     single process's: a distributed run sees the same input, and every rank's random state is the one rank 0
     checkpoints.
     """
-    images = to_unit_interval(split.images[index])
-    encoded = encoder(images if augment_cfg is None else random_affine(images, augment_cfg))
+    inputs = split.encoder_input(index)
+    encoded = encoder(inputs if augment_cfg is None else random_affine(inputs, augment_cfg))
     part = distributed.shard(len(index))
     return encoded[:, part], split.labels[index[part]]
 
@@ -147,6 +154,6 @@ def build_model(cfg: Config | DictConfig, input_shape: tuple[int, ...], device: 
     if cfg.model.num_classes < NUM_CLASSES:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.name} has {NUM_CLASSES} classes")
     try:
-        return ConvSNN.from_config(cfg.model, input_shape, cfg.train.compile).to(device)
+        return ConvSNN.from_config(cfg.model, input_shape, cfg.train.compile, cfg.model.kernel).to(device)
     except (ValueError, TypeError, RuntimeError) as error:  # a size torch cannot take or allocate
         raise ConfigError(f"cannot build the network from model.*: {str(error).strip().splitlines()[0]}") from None

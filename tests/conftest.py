@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU, Triton's interpreter runs the Triton LIF kernels on CPU tensors (tests/test_triton.py). It must be
+    # set before snn_train.triton_lif defines them; torch.compile's CPU code is not affected by it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def write_idx(path: Path, data: torch.Tensor) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,8 @@ from omegaconf import OmegaConf
 
 from snn_train import ConvSNN, load_config
 from snn_train.config import flat_config
-from snn_train.data import load_split
-from snn_train.encoders import build_encoder
+from snn_train.data import DATASETS, load_split
+from snn_train.encoders import EVENT_ENCODERS, build_encoder
 from snn_train.errors import ConfigError
 from snn_train.task import build_optimizer, decode
 
@@ -28,8 +29,8 @@ def options(group: str) -> list[str]:
 
 def test_the_groups_offer_the_documented_options() -> None:
     assert options("model") == ["atan", "circ", "erfc", "super", "tanh", "triangle"]
-    assert options("encoder") == ["constant_current", "direct", "latency", "poisson"]
-    assert options("data") == ["fashion_mnist", "kmnist", "mnist"]
+    assert options("encoder") == ["constant_current", "direct", "events", "latency", "poisson"]
+    assert options("data") == ["fashion_mnist", "kmnist", "mnist", "nmnist"]
     assert options("optim") == ["adam", "adamw", "sgd"]
     assert options("experiment") == ["best", "fast"]
 
@@ -53,8 +54,8 @@ def test_every_model_option_builds_a_network_that_backpropagates(model: str) -> 
     assert network.readout_linear.weight.grad is not None
 
 
-@pytest.mark.parametrize("encoder", options("encoder"))
-def test_every_encoder_option_builds_and_encodes(encoder: str) -> None:
+@pytest.mark.parametrize("encoder", [name for name in options("encoder") if name not in EVENT_ENCODERS])
+def test_every_image_encoder_option_builds_and_encodes(encoder: str) -> None:
     cfg = load_config([f"encoder={encoder}", "seq_length=5"])
     encoded = build_encoder(cfg.encoder, cfg.seq_length)(torch.rand(2, 1, 28, 28))
     assert encoded.shape == (5, 2, 1, 28, 28)
@@ -68,12 +69,12 @@ def test_every_optim_option_builds_its_optimizer(optim: str) -> None:
     assert optimizer.param_groups[0]["lr"] == 0.01
 
 
-@pytest.mark.parametrize("data", options("data"))
-def test_every_data_option_loads_its_torchvision_folder(data: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("data", [name for name in options("data") if not DATASETS[name].events])
+def test_every_image_data_option_loads_its_torchvision_folder(data: str, tmp_path: Path) -> None:
     folder = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}[data]
     make_mnist(tmp_path, folder, n_train=20, n_test=10)
     cfg = load_config([f"data={data}", f"data.root={tmp_path}", "data.download=false"])
-    split = load_split(cfg.data, train=False)
+    split = load_split(cfg.data, train=False, seq_length=cfg.seq_length)
     assert split.images.shape == (10, 28, 28) and split.images.dtype == torch.uint8
     assert split.labels.tolist() == [k % 10 for k in range(10)]
 
@@ -141,6 +142,15 @@ def test_values_at_the_edges_of_the_allowed_ranges_are_accepted() -> None:
         ]
     )
     assert (cfg.model.dropout, cfg.warmup_epochs, cfg.model.lif.dt * cfg.model.lif.tau_mem_inv) == (0.9, 2, 1)
+
+
+def test_without_tonic_data_nmnist_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tonic", None)  # as if the events extra were not installed
+    with pytest.raises(ConfigError) as raised:
+        load_config(["data=nmnist", "encoder=events"])
+    assert str(raised.value).startswith("data=nmnist needs tonic, which the optional extra events installs: ")
+    assert "pip install 'snn-train[events]'" in str(raised.value)
+    load_config([])  # image data needs nothing more
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

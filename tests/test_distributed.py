@@ -69,10 +69,21 @@ def assert_same_figures(actual: dict[str, float], expected: dict[str, float]) ->
         assert abs(actual[key] - expected[key]) < 1e-3, key  # a flipped spike in an evaluation moves a loss by 1e-4
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",  # gloo
+        pytest.param(  # nccl
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")],
+        ),
+    ],
+)
 def test_two_ranks_end_identical_and_like_one_process_on_the_same_global_batches(
-    tmp_path: Path, tiny_overrides: list[str]
+    tmp_path: Path, tiny_overrides: list[str], device: str
 ) -> None:
-    overrides = [*tiny_overrides, *RUN, "train.epochs=2"]
+    on_device = [*(o for o in tiny_overrides if not o.startswith("train.device=")), f"train.device={device}"]
+    overrides = [*on_device, *RUN, "train.epochs=2"]
     launch([*TORCHRUN, str(RANKS), str(tmp_path / "ddp"), *overrides], tmp_path)
     launch([sys.executable, str(RANKS), str(tmp_path / "single"), *overrides], tmp_path)
     rank0, rank1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1))

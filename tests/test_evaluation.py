@@ -117,7 +117,10 @@ def test_report_matches_the_training_run_and_a_whole_set_forward_pass(run_dir: P
     net.load_state_dict(checkpoint["model"])
     trace: dict[str, LayerTrace] = {}
     with torch.no_grad():
-        net(build_encoder(cfg.encoder, 4)(to_unit_interval(load_split(cfg.data, train=False).images)), trace)
+        net(
+            build_encoder(cfg.encoder, 4)(to_unit_interval(load_split(cfg.data, train=False, seq_length=4).images)),
+            trace,
+        )
     synops = net.synaptic_operations(trace)
     for name, layer in report["layers"].items():
         assert layer["spikes_per_sample"] == pytest.approx(trace[name].spikes.sum().item() / 48)
@@ -270,6 +273,18 @@ def test_a_checkpoint_from_an_older_version_names_the_keys_it_lacks(run_dir: Pat
         f"snn-eval: error: {file}: its config lacks model.batch_norm "
         "(written by an older snn-train, which can evaluate it)\n"
     )
+
+
+def test_a_checkpoint_from_before_model_kernel_is_evaluated_as_one_that_has_it(run_dir: Path, tmp_path: Path) -> None:
+    """model.kernel says how to compute, which snn-eval picks for its own device: its absence is no loss."""
+    file = tmp_path / "last.pt"
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    del checkpoint["config"]["model"]["kernel"]
+    torch.save(checkpoint, file)
+    report = evaluate_checkpoint(eval_config([f"checkpoint={file}", "batch_size=10"]))
+    original = evaluate_checkpoint(eval_config([f"checkpoint={run_dir}", "batch_size=10"]))
+    assert report["accuracy"] == original["accuracy"] and report["loss"] == original["loss"]
+    assert report["spikes_per_sample"] == original["spikes_per_sample"] > 0
 
 
 def test_errors_a_user_can_cause_exit_2_with_one_line(run_dir: Path, tmp_path: Path, capsys) -> None:

@@ -31,3 +31,4 @@ def test_wheel_ships_every_config_file(tmp_path: Path) -> None:
     assert "snn_train/cli.py" in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "snn-train = snn_train.cli:train" in entry_points and "snn-eval = snn_train.cli:evaluate" in entry_points
+    assert "snn-export = snn_train.cli:export" in entry_points

@@ -66,10 +66,20 @@ def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     return [(s.step, s.value) for s in events.Scalars(tag)]
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+        ),
+    ],
+)
 def test_killed_and_resumed_run_ends_exactly_like_an_uninterrupted_one(
-    tmp_path: Path, tiny_overrides: list[str]
+    tmp_path: Path, tiny_overrides: list[str], device: str
 ) -> None:
-    overrides = [*tiny_overrides, *RUN]
+    overrides = [*(o for o in tiny_overrides if not o.startswith("train.device=")), *RUN, f"train.device={device}"]
     reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
     reference = start([*overrides, f"hydra.run.dir={reference_dir}"], tmp_path)
     checkpoints = run_dir / "checkpoints"

@@ -1,0 +1,58 @@
+"""``model.kernel``: the registry of the functions that run a LIF layer over a whole sequence, and where Triton runs.
+
+Each entry picks, for a layer's currents, a function that takes and returns what ``neurons.lif_sequence`` does:
+``torch`` that fused PyTorch kernel (any device), ``triton`` the two Triton kernels of ``triton_lif`` (a CUDA GPU, or
+CPU tensors under Triton's interpreter), ``auto`` Triton's on a CUDA GPU and torch's elsewhere. Triton is optional:
+``triton_lif`` is imported only where it runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Callable
+
+import torch
+
+from snn_train.neurons import LIFParameters, lif_sequence
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the Triton LIF kernels can run on ``device``: Triton installed, and a CUDA GPU or, for CPU tensors,
+    Triton's interpreter (TRITON_INTERPRET=1)."""
+    return _triton_installed() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+# (currents, p, record_voltage, compiled, tau_mem_inv, v_th) → (spikes, voltages or None), as neurons.lif_sequence
+LIFKernel = Callable[
+    [torch.Tensor, LIFParameters, bool, bool, torch.Tensor | None, torch.Tensor | None],
+    tuple[torch.Tensor, torch.Tensor | None],
+]
+
+
+def _triton(
+    currents: torch.Tensor,
+    p: LIFParameters,
+    record_voltage: bool,
+    compiled: bool,
+    tau_mem_inv: torch.Tensor | None,
+    v_th: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """triton_lif.lif_sequence_triton: one forward and one backward launch (``compiled`` does not apply)."""
+    from snn_train.triton_lif import lif_sequence_triton  # Triton is optional: imported only where it runs
+
+    return lif_sequence_triton(currents, p, record_voltage, tau_mem_inv, v_th)
+
+
+# model.kernel → the LIF sequence function for these currents (``lif_sequence`` looked up when called)
+KERNELS: dict[str, Callable[[torch.Tensor], LIFKernel]] = {
+    "auto": lambda currents: _triton if currents.is_cuda and triton_runs_on(currents.device) else lif_sequence,
+    "triton": lambda currents: _triton,
+    "torch": lambda currents: lif_sequence,
+}

@@ -1,0 +1,120 @@
+"""``snn-train --help``, ``snn-eval --help``, ``snn-export --help`` and ``--version``, run as a user would, against
+the config files."""
+
+from __future__ import annotations
+
+import functools
+import re
+import subprocess
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from snn_train.config import compose, flat_config
+
+pytestmark = pytest.mark.slow  # each test starts a command (snn-train, snn-eval, snn-export) as a process
+
+ROOT = Path(__file__).parents[1]
+CONFIGS = ROOT / "configs"
+PRIMARY = {"snn-train": "config", "snn-eval": "eval", "snn-export": "export"}
+CASES = [
+    ("snn-train", ()),
+    ("snn-train", ("+experiment=fast", "optim=sgd")),
+    ("snn-eval", ()),
+    ("snn-eval", ("data=kmnist",)),
+    ("snn-export", ()),
+    ("snn-export", ("input_shape=[1,20,20]",)),
+]
+
+
+@functools.cache
+def help_text(command: str, overrides: tuple[str, ...]) -> str:
+    result = subprocess.run([command, *overrides, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def section(text: str, heading: str) -> list[str]:
+    """The lines under the paragraph that starts with ``heading``, up to the next blank line; [] if there is none."""
+    for paragraph in text.split("\n\n"):
+        if paragraph.startswith(heading):
+            return paragraph.splitlines()[1:]
+    return []
+
+
+def listed_groups(text: str) -> dict[str, list[str]]:
+    """``{group label: options}`` of the help's group section; the option in use keeps its ``*``."""
+    rows = [line.split(maxsplit=1) for line in section(text, "Config groups")]
+    return {label: options.split(", ") for label, options in rows}
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONFIGS / group).glob("*.yaml"))
+
+
+def config_groups(command: str) -> set[str]:
+    """The groups a command takes, from the files: every folder for snn-train, its defaults list for the others."""
+    if command == "snn-train":
+        return {path.name for path in CONFIGS.iterdir() if path.is_dir() and path.name not in ("hydra", "__pycache__")}
+    defaults = yaml.safe_load((CONFIGS / f"{PRIMARY[command]}.yaml").read_text())["defaults"]
+    return {key for entry in defaults if isinstance(entry, dict) for key in entry if not key.startswith("override")}
+
+
+def composed(command: str, overrides: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The command's config as Hydra composes it, as flat ``a.b.c`` keys, and the option chosen in each group."""
+    cfg = compose(PRIMARY[command], list(overrides), return_hydra_config=True)
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    del cfg.hydra
+    return flat_config(cfg), choices
+
+
+def expand(names: str) -> list[str]:
+    """``a.{b, c}, d`` as ``[a.b, a.c, d]``."""
+    keys = []
+    for parent, children, plain in re.findall(r"([\w.]+)\.\{([^}]*)\}|([\w.]+)", names):
+        keys += [f"{parent}.{child.strip()}" for child in children.split(",")] if parent else [plain]
+    return keys
+
+
+@pytest.mark.parametrize(("command", "overrides"), CASES)
+def test_help_introduces_the_command_and_lists_its_own_groups_with_every_option(
+    command: str, overrides: tuple[str, ...]
+) -> None:
+    text = help_text(command, overrides)
+    assert text.startswith(f"{command}: ") and f"Usage: {command} " in text
+    assert "powered by Hydra" not in text and "schema" not in text and "model/network" not in text
+    assert "--cfg job" in text and "README.md" in text
+    groups = listed_groups(text)
+    assert {label.lstrip("+") for label in groups} == config_groups(command)
+    _, choices = composed(command, overrides)
+    for label, options in groups.items():
+        group = label.lstrip("+")
+        assert [option.rstrip("*") for option in options] == group_options(group)
+        in_use = [option.rstrip("*") for option in options if option.endswith("*")]
+        assert in_use == ([choices[group]] if choices.get(group) else [])
+
+
+@pytest.mark.parametrize(("command", "overrides"), CASES)
+def test_help_names_every_key_of_the_config_and_the_values_of_the_most_used(
+    command: str, overrides: tuple[str, ...]
+) -> None:
+    text = help_text(command, overrides)
+    config, _ = composed(command, overrides)
+    most_used = dict(line.strip().split("=", 1) for line in section(text, "Most used keys"))
+    assert len(most_used) >= min(5, len(config))
+    assert {key: yaml.safe_load(value) for key, value in most_used.items()} == {key: config[key] for key in most_used}
+    others = expand(" ".join(section(text, "Other keys")))
+    assert sorted([*most_used, *others]) == sorted(config)
+
+
+@pytest.mark.parametrize("command", PRIMARY)
+def test_version_names_the_package_torch_and_hydra_versions(command: str) -> None:
+    result = subprocess.run([command, "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{command} {version('snn-train')} (torch {torch.__version__}, Hydra {hydra.__version__})\n"
