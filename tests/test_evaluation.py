@@ -282,7 +282,7 @@ def test_a_checkpoint_from_before_model_kernel_is_evaluated_as_one_that_has_it(r
     del checkpoint["config"]["model"]["kernel"]
     torch.save(checkpoint, file)
     report = evaluate_checkpoint(eval_config([f"checkpoint={file}", "batch_size=10"]))
-    original = evaluate_checkpoint(eval_config([f"checkpoint={run_dir}", "batch_size=10"]))
+    original = evaluate_checkpoint(eval_config([f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", "batch_size=10"]))
     assert report["accuracy"] == original["accuracy"] and report["loss"] == original["loss"]
     assert report["spikes_per_sample"] == original["spikes_per_sample"] > 0
 

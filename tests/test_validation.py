@@ -159,8 +159,8 @@ def test_best_pt_holds_the_weights_of_the_best_validation_and_the_test_is_of_the
     assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["loop"]["step"] == best_step
 
     cfg = load_config(overrides)
-    _, val_set = hold_out(load_split(cfg.data, train=True), 20, 0)
-    test_set = load_split(cfg.data, train=False)
+    _, val_set = hold_out(load_split(cfg.data, train=True, seq_length=cfg.seq_length), 20, 0)
+    test_set = load_split(cfg.data, train=False, seq_length=cfg.seq_length)
     assert accuracy(best, overrides, val_set) == pytest.approx(progress.best.accuracy)
     tested = best if test_on == "best" else network(overrides, tmp_path / "checkpoints" / "last.pt")
     final = progress.final
