@@ -1,16 +1,20 @@
 """Training-step speed and memory of snn-train against its reference loop, the ANN limit, Norse and SpikingJelly.
 
 Every figure is the median of ``--steps`` timed steps after warm-up, on the same network, T, B and
-thread count. Each variant runs in a fresh process so its peak memory is its own. snn-train and the
-ANN limit run with snn-train's allocator setting (snn_train.allocator); Norse runs as shipped, and
-once more with that setting (``norse_tuned_allocator``) so the comparison can be read both ways.
+thread count, every variant updating with fused Adam as snn-train does. Each variant runs in a fresh process so its
+peak memory is its own. snn-train and the ANN limits run with snn-train's allocator setting (snn_train.allocator);
+Norse runs as shipped, and once more with that setting (``norse_tuned_allocator``) so the comparison can be read both
+ways. The ANN limit (``ann_limit``) is the same network with ReLU for LIF doing the dense work snn-train does: conv1
+once per image (the direct encoder's input is the same at every step), everything after it at batch T·B; the ratios
+use it. ``ann_conv1_every_step`` convolves all T·B inputs, as an ANN given the repeated input would.
 Norse and SpikingJelly (its multi-step LIF neuron on the same network) are left out where not installed;
-on CUDA every variant updates with fused Adam, and ``snn_train_torch_kernels`` times snn-train with model.kernel=torch.
+on CUDA ``snn_train_torch_kernels`` times snn-train with model.kernel=torch.
 
 ``launches_per_step`` counts, on the CPU, the kernels one training step (forward, backward, Adam) launches on the
 CUDA path with model.kernel=triton and with model.kernel=torch: see LaunchCounter.
 
 Usage: python scripts/benchmark.py [--seq-length 16] [--batch-size 32] [--threads 2] [--device cpu] [--json FILE]
+                                  [--growth 8 16 32 64]
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import inspect
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -43,6 +48,8 @@ VARIANTS = (
     "reference_loop",
     "ann_limit_fp32",
     "ann_limit_bf16",
+    "ann_conv1_every_step_fp32",
+    "ann_conv1_every_step_bf16",
     "norse",
     "norse_tuned_allocator",
     "spikingjelly",
@@ -70,22 +77,32 @@ def snn_train_step(
 
 
 class AnnLimit(nn.Module):
-    """The same conv/fc layers with ReLU instead of LIF, on the T·B-flattened batch: the hardware limit."""
+    """The same conv/fc layers with ReLU instead of LIF, on the T·B-flattened batch: the hardware limit. With
+    ``conv1_once`` a time-invariant input is convolved once per image, as snn-train does, and the ReLU of that repeated
+    over time (the copy stands for the LIF layer's output); every later layer runs at batch T·B either way."""
 
-    def __init__(self) -> None:
+    def __init__(self, conv1_once: bool) -> None:
         super().__init__()
+        self.conv1_once = conv1_once
         self.conv1, self.conv2 = nn.Conv2d(1, 32, 5), nn.Conv2d(32, 64, 5)
         self.fc1, self.readout = nn.Linear(1024, 1024), nn.Linear(1024, 10, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T, B = x.shape[:2]
-        h = F.max_pool2d(F.relu(self.conv1(x.flatten(0, 1))), 2)
+        if self.conv1_once and x.stride(0) == 0:
+            h = F.relu(self.conv1(x[0].contiguous(memory_format=torch.channels_last)))
+            h = h.contiguous(memory_format=torch.channels_last).expand(T, -1, -1, -1, -1).flatten(0, 1)
+        else:
+            h = F.relu(self.conv1(x.flatten(0, 1)))
+        h = F.max_pool2d(h, 2)
         h = F.max_pool2d(F.relu(10 * self.conv2(h)), 2)
         return self.readout(F.relu(self.fc1(h.flatten(1)))).unflatten(0, (T, B))
 
 
-def ann_step(args: argparse.Namespace) -> tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    model = AnnLimit()
+def ann_step(
+    args: argparse.Namespace, conv1_once: bool
+) -> tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    model = AnnLimit(conv1_once)
 
     def loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x = images.expand(args.seq_length, *images.shape)
@@ -179,22 +196,29 @@ def build(
     if variant == "reference_loop":
         from snn_train import neurons
 
-        def reference(currents, p, record_voltage, compiled, tau_mem_inv, v_th):  # lif_sequence's arguments
-            return neurons.lif_sequence_reference(currents, p, record_voltage, tau_mem_inv, v_th)
+        def reference(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """lif_sequence's work as the step loop, whatever arguments lif_sequence takes, bound by name."""
+            bound = inspect.signature(neurons.lif_sequence).bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            spikes, voltages = neurons.lif_sequence_reference(
+                a["currents"], a["p"], a["record_voltage"], a["tau_mem_inv"], a["v_th"]
+            )
+            return neurons.max_pool_over_time(spikes, a["pool"]), voltages
 
         mock.patch("snn_train.lif_kernels.lif_sequence", reference).start()  # model.kernel=torch's sequence
         mock.patch("snn_train.model.li_sequence", neurons.li_sequence_reference).start()
         return (*snn_train_step(args, kernel="torch"), False)
-    if variant.startswith("ann_limit"):
-        return (*ann_step(args), variant.endswith("bf16"))
+    if variant.startswith("ann_"):
+        return (*ann_step(args, conv1_once=variant.startswith("ann_limit")), variant.endswith("bf16"))
     if variant == "spikingjelly":
         return (*spikingjelly_step(args), False)
     return (*norse_step(args), False)
 
 
-def adam(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """Adam as snn-train builds it: on CUDA fused, one kernel per update."""
-    return torch.optim.Adam(model.parameters(), lr=2e-3, fused=True if device.type == "cuda" else None)
+def adam(model: nn.Module) -> torch.optim.Optimizer:
+    """Adam as snn-train builds it (task.OPTIMIZERS): fused, one kernel per update, on every device."""
+    return torch.optim.Adam(model.parameters(), lr=2e-3, fused=True)
 
 
 NO_KERNEL = {
@@ -245,13 +269,14 @@ def count_launches(kernel: str, args: argparse.Namespace) -> int:
     counter = LaunchCounter()
     with ExitStack() as patches:
         patches.enter_context(mock.patch("torch.compile", lambda step, **_: counter.one_launch(step)))
+        patches.enter_context(mock.patch("snn_train.lif_cpu.runs", lambda *_: False))  # CUDA tensors: no C++ kernels
         if kernel == "triton":
             from snn_train import triton_lif
 
             for launcher in {type(triton_lif._forward_kernel), type(triton_lif._backward_kernel)}:
                 patches.enter_context(mock.patch.object(launcher, "run", counter.one_launch(launcher.run)))
         model, loss_fn = snn_train_step(argparse.Namespace(**{**vars(args), "device": "cpu"}), kernel)
-        optimizer = torch.optim.Adam(model.parameters(), lr=2e-3, fused=True)  # as on CUDA
+        optimizer = adam(model)
         images, labels = torch.rand(args.batch_size, 1, 28, 28), torch.randint(0, 10, (args.batch_size,))
         for counting in (False, True):  # the first step creates Adam's state
             with counter if counting else nullcontext():
@@ -281,7 +306,7 @@ def time_variant(variant: str, args: argparse.Namespace) -> dict[str, float]:
     device = torch.device(args.device)
     model, loss_fn, bf16 = build(variant, args)
     model.to(device)
-    optimizer = adam(model, device)
+    optimizer = adam(model)
     images = torch.rand(args.batch_size, 1, 28, 28, device=device)
     labels = torch.randint(0, 10, (args.batch_size,), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
@@ -379,6 +404,28 @@ def run_in_subprocess(
     return json.loads(done.stdout.splitlines()[-1])
 
 
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (Linux), else the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float | None]:
+    """The figures the targets are stated in: step time over the ANN limit's (fp32, bf16), throughput and peak memory
+    against Norse's (None without Norse)."""
+    ms = {variant: result and result["train_step_ms"] for variant, result in results.items()}
+    memory = {variant: result and result["peak_memory_mb"] for variant, result in results.items()}
+    return {
+        "fp32_step_over_ann_limit": round(ms["snn_train_fp32"] / ms["ann_limit_fp32"], 2),
+        "bf16_step_over_ann_limit_bf16": round(ms["snn_train_bf16"] / ms["ann_limit_bf16"], 2),
+        "fp32_speed_over_norse": ms["norse"] and round(ms["norse"] / ms["snn_train_fp32"], 2),
+        "fp32_peak_memory_over_norse": memory["norse"] and round(memory["snn_train_fp32"] / memory["norse"], 2),
+    }
+
+
 def launches_per_step(args: argparse.Namespace) -> dict[str, int]:
     """count_launches for both kernel choices, each in a fresh process under Triton's interpreter."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -397,6 +444,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", help="write all figures to this file")
+    parser.add_argument("--growth", type=int, nargs="+", default=[8, 16, 32, 64], help="T values of the memory table")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--count-launches", choices=("triton", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -415,14 +463,18 @@ def main() -> None:
         if cuda or variant not in CUDA_ONLY
     }
     launches = launches_per_step(args)
-    growth = {str(T): run_in_subprocess("snn_train_fp32", args, T) for T in (8, 16, 32, 64)}
+    growth = {str(T): run_in_subprocess("snn_train_fp32", args, T) for T in args.growth}
     report = {
         "config": {
             "seq_length": args.seq_length,
             "batch_size": args.batch_size,
             "threads": args.threads,
             "device": args.device,
+            "cpu": cpu_model(),
+            "bf16_native": torch.ops.mkldnn._is_mkldnn_bf16_supported(),  # oneDNN: AVX512-BF16 or AMX on the CPU
+            "load_average": [round(load, 2) for load in os.getloadavg()],  # 1, 5, 15 min, at the end: other work
         },
+        "ratios": ratios(results),
         "train_step_ms": {k: v and round(v["train_step_ms"], 1) for k, v in results.items()},
         "samples_per_s": {k: v and round(v["samples_per_s"], 1) for k, v in results.items()},
         "peak_memory_mb": {k: v and round(v["peak_memory_mb"], 1) for k, v in results.items()},
@@ -439,27 +491,30 @@ def main() -> None:
     if cuda:
         report["cuda_kernels_per_step"] = {k: v and v["cuda_kernels_per_step"] for k, v in results.items()}
     limit, norse = results["ann_limit_fp32"]["train_step_ms"], results["norse"] and results["norse"]["train_step_ms"]
-    print(f"T={args.seq_length} B={args.batch_size} threads={args.threads} device={args.device}")
+    config = report["config"]
+    print(f"T={args.seq_length} B={args.batch_size} threads={args.threads} device={args.device}, {config['cpu']}")
+    print(f"bf16 in hardware: {config['bf16_native']}; load average at the end: {config['load_average']}")
     print(
-        f"{'variant':<22}{'ms/step':>9}{'samples/s':>11}{'peak MB':>9}{'faults/step':>13}"
-        f"{'× ANN fp32':>12}{'× Norse speed':>15}"
+        f"{'variant':<26}{'ms/step':>9}{'samples/s':>11}{'peak MB':>9}{'faults/step':>13}"
+        f"{'× ANN limit':>13}{'× Norse speed':>15}"
     )
     for variant, r in results.items():
         if r is None:
-            print(f"{variant:<22}{f'({OPTIONAL[variant]} not installed)':>30}")
+            print(f"{variant:<26}{f'({OPTIONAL[variant]} not installed)':>30}")
             continue
         speedup = f"{norse / r['train_step_ms']:.2f}" if norse else "-"
         print(
-            f"{variant:<22}{r['train_step_ms']:>9.1f}{r['samples_per_s']:>11.1f}{r['peak_memory_mb']:>9.0f}"
-            f"{r['page_faults_per_step']:>13.0f}{r['train_step_ms'] / limit:>12.2f}{speedup:>15}"
+            f"{variant:<26}{r['train_step_ms']:>9.1f}{r['samples_per_s']:>11.1f}{r['peak_memory_mb']:>9.0f}"
+            f"{r['page_faults_per_step']:>13.0f}{r['train_step_ms'] / limit:>13.2f}{speedup:>15}"
         )
+    print("ratios:", ", ".join(f"{name} {value}" for name, value in report["ratios"].items()))
     data_ms = report["data_and_encoding_ms"]
     print(
         f"data + encoding: {data_ms:.2f} ms per batch = "
         f"{100 * data_ms / results['snn_train_fp32']['train_step_ms']:.1f} % of the fp32 step"
     )
     print(
-        f"first snn_train_fp32 step (includes compiling the LIF backward, or loading it from the cache): "
+        f"first snn_train_fp32 step (includes building the C++ LIF kernels, or loading them from the cache): "
         f"{report['first_step_s']['snn_train_fp32']:.1f} s"
     )
     print(f"inference (no_grad, eval): {report['inference_samples_per_s']:.0f} samples/s")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from snn_train.neurons import LIFParameters, lif_sequence
+from snn_train.neurons import LIFParameters, lif_sequence, max_pool_over_time
 
 
 @functools.cache
@@ -29,9 +29,10 @@ def triton_runs_on(device: torch.device) -> bool:
     return _triton_installed() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-# (currents, p, record_voltage, compiled, tau_mem_inv, v_th) → (spikes, voltages or None), as neurons.lif_sequence
+# (currents, p, record_voltage, compiled, tau_mem_inv, v_th, pool) → (spikes, max-pooled if pool > 1, and voltages or
+# None), as neurons.lif_sequence
 LIFKernel = Callable[
-    [torch.Tensor, LIFParameters, bool, bool, torch.Tensor | None, torch.Tensor | None],
+    [torch.Tensor, LIFParameters, bool, bool, torch.Tensor | None, torch.Tensor | None, int],
     tuple[torch.Tensor, torch.Tensor | None],
 ]
 
@@ -43,11 +44,14 @@ def _triton(
     compiled: bool,
     tau_mem_inv: torch.Tensor | None,
     v_th: torch.Tensor | None,
+    pool: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """triton_lif.lif_sequence_triton: one forward and one backward launch (``compiled`` does not apply)."""
+    """triton_lif.lif_sequence_triton: one forward and one backward launch (``compiled`` does not apply), then the
+    pooling."""
     from snn_train.triton_lif import lif_sequence_triton  # Triton is optional: imported only where it runs
 
-    return lif_sequence_triton(currents, p, record_voltage, tau_mem_inv, v_th)
+    spikes, voltages = lif_sequence_triton(currents, p, record_voltage, tau_mem_inv, v_th)
+    return max_pool_over_time(spikes, pool), voltages
 
 
 # model.kernel → the LIF sequence function for these currents (``lif_sequence`` looked up when called)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from snn_train.lif_kernels import KERNELS
-from snn_train.neurons import LIFParameters, LIParameters, li_sequence
+from snn_train.neurons import LIFParameters, LIParameters, li_sequence, max_pool_over_time
 from snn_train.schema import ModelConfig
 
 
@@ -57,13 +57,17 @@ class LIF(nn.Module):
         trace: dict[str, LayerTrace] | None = None,
         name: str = "",
         record_voltage: bool = True,
+        pool: int = 1,
     ) -> torch.Tensor:
-        record_voltage = record_voltage and trace is not None
+        """Spikes [T, B, ...], max-pooled over pool×pool windows of the last two dims if ``pool`` > 1 (a conv layer's;
+        by the kernel itself where it can); with ``trace``, records the full spikes (and voltages if asked) under
+        ``name``."""
         run = KERNELS[self.kernel](currents)
+        if trace is None:
+            return run(currents, self.p, False, self.compiled, self.tau_mem_inv(), self.v_th, pool)[0]
         spikes, voltage = run(currents, self.p, record_voltage, self.compiled, self.tau_mem_inv(), self.v_th)
-        if trace is not None:
-            trace[name] = LayerTrace(spikes.detach(), voltage)
-        return spikes
+        trace[name] = LayerTrace(spikes.detach(), voltage)
+        return max_pool_over_time(spikes, pool)
 
     def extra_repr(self) -> str:
         p = self.p
@@ -97,11 +101,13 @@ def convolve_over_time(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor, scale:
     A time-invariant input (stride 0 over T, as the direct encoder gives) is convolved once and the result repeated
     (its statistics over time and batch are those over the batch).
     """
+    step = x[0] if x.stride(0) == 0 else x.flatten(0, 1)
+    currents = norm(conv(step.contiguous(memory_format=torch.channels_last))) * scale
+    # one input channel: torch cannot tell the layouts apart and returns the contiguous one; the LIF kernel pools
+    # channels-last currents faster
+    currents = currents.contiguous(memory_format=torch.channels_last)
     if x.stride(0) == 0:
-        return (norm(conv(x[0].contiguous(memory_format=torch.channels_last))) * scale).expand(
-            x.shape[0], -1, -1, -1, -1
-        )
-    currents = norm(conv(x.flatten(0, 1).contiguous(memory_format=torch.channels_last))) * scale
+        return currents.expand(x.shape[0], -1, -1, -1, -1)
     return currents.unflatten(0, x.shape[:2])
 
 
@@ -222,7 +228,7 @@ class ConvSNN(nn.Module):
         for n, (name, target) in enumerate(zip(self.lif_layer_names(), targets)):
             events = trace[name].spikes
             if n < len(self.convs):
-                events = F.max_pool2d(events.flatten(0, 1), self.pool_size).unflatten(0, events.shape[:2])
+                events = max_pool_over_time(events, self.pool_size)
             fan_out = conv_fan_out(target, events.shape[-2:]) if isinstance(target, nn.Conv2d) else target.out_features
             operations[name] = (events * fan_out).sum(dim=[0, *range(2, events.dim())])
         return operations
@@ -232,11 +238,9 @@ class ConvSNN(nn.Module):
     ) -> torch.Tensor:
         """Readout voltages [T, B, classes] for input [T, B, C, H, W]; fills ``trace`` (with voltages if asked) if
         given."""
-        T, B = x.shape[:2]
         h = x
         for n, (conv, norm, scale, lif) in enumerate(zip(self.convs, self.norms, self.conv_scales, self.conv_lifs)):
-            spikes = lif(convolve_over_time(conv, norm, h, scale), trace, f"conv{n + 1}", record_voltage)
-            h = F.max_pool2d(spikes.flatten(0, 1), self.pool_size).unflatten(0, (T, B))
+            h = lif(convolve_over_time(conv, norm, h, scale), trace, f"conv{n + 1}", record_voltage, self.pool_size)
         h = h.flatten(2)
         for n, (fc, lif) in enumerate(zip(self.fcs, self.fc_lifs)):
             h = lif(fc(dropout_over_time(h, self.dropout, self.training)), trace, f"fc{n + 1}", record_voltage)

@@ -2,15 +2,18 @@
 
 All kernels are time-major: input currents [T, B, ...] in, one output per time step out. The equations are
 Norse's current-based LIF model (``lif_step``); ``lif_sequence_reference`` and ``li_sequence_reference`` loop those
-steps and are the oracles every fast kernel (eager, compiled, Triton) is tested against.
+steps and are the oracles every fast kernel (eager, compiled, C++, Triton) is tested against.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
+from torch.nn import functional as F
 
+from snn_train import lif_cpu
 from snn_train.lif_backward import lif_backward
 from snn_train.surrogates import spike
 
@@ -103,6 +106,13 @@ def _flatten_steps(x: torch.Tensor, order: list[int]) -> list[torch.Tensor]:
     return [step.permute(order).reshape(-1) for step in x.unbind(0)]
 
 
+def _dense_steps(x: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """[T, ...] with each step's dims in the given memory order and each step dense: a view where the layout allows
+    (its stride over T may be anything, 0 for an input repeated over time), else a copy."""
+    steps = x.permute(0, *(1 + d for d in order))
+    return steps if steps[0].is_contiguous() else steps.contiguous()
+
+
 def _unflatten_steps(flat: torch.Tensor, shape: torch.Size, order: list[int]) -> torch.Tensor:
     """Flat [T, N] back to ``shape`` [T, ...], laid out in ``order``."""
     step_shape = [shape[1 + d] for d in order]
@@ -190,6 +200,79 @@ class _FusedLIFSequence(torch.autograd.Function):
         return grad_currents, None, None, None, *learned_grads
 
 
+def _pooling(step_shape: torch.Size, order: list[int], size: int) -> lif_cpu.Pooling | None:
+    """How lif_cpu's kernels pool the last two dims (H, W) of steps [..., H, W] laid out in ``order``: None where they
+    cannot (H or W not a multiple of ``size``, or H and W not next to each other in memory) or would be slower than
+    max_pool2d (fewer than 8 values, one vector, per (h, w) position: channels-last pools fast, contiguous does not)."""
+    h, w = len(step_shape) - 2, len(step_shape) - 1
+    if size == 1:
+        return lif_cpu.NO_POOLING
+    if step_shape[h] % size or step_shape[w] % size or order.index(w) != order.index(h) + 1:
+        return None
+    inner = math.prod(step_shape[d] for d in order[order.index(w) + 1 :])
+    return lif_cpu.Pooling(size, step_shape[w], inner) if inner >= 8 else None
+
+
+def _pooled_shape(shape: torch.Size, size: int) -> torch.Size:
+    """[T, ..., H, W] after size×size pooling: [T, ..., H/size, W/size]."""
+    return torch.Size([*shape[:-2], shape[-2] // size, shape[-1] // size]) if size > 1 else shape
+
+
+def _run_lif_cpu(
+    currents: torch.Tensor, p: LIFParameters, record_voltage: bool, pool: int, order: list[int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """lif_cpu's forward kernel on [T, B, ...] laid out in ``order``: the spikes (max-pooled over pool×pool windows of
+    the last two dims, where ``_pooling`` allows) in the input's dtype and layout, and the post-reset voltages if asked
+    (in the state's precision)."""
+    pooling = _pooling(currents.shape[1:], order, pool)
+    spikes, voltages = lif_cpu.forward(_dense_steps(currents, order), p, record_voltage, pooling)
+    voltages = None if voltages is None else _unflatten_steps(voltages, currents.shape, order)
+    return _unflatten_steps(spikes, _pooled_shape(currents.shape, pool), order), voltages
+
+
+class _CPULIFSequence(torch.autograd.Function):
+    """All T LIF steps of CPU currents (and the max-pooling after them, if any) as lif_cpu's two kernels, one pass over
+    memory each.
+
+    Saves only the currents: the backward kernel recomputes the voltages (and spikes) from them, so a time-invariant
+    input (stride 0 over T) keeps one step's worth of memory for backward, and a bfloat16 one two bytes per value.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        currents: torch.Tensor,
+        p: LIFParameters,
+        record_voltage: bool,
+        pool: int,
+        tau_mem_inv: torch.Tensor | None,
+        v_th: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        p = _with_learned(p, tau_mem_inv, v_th)
+        order = _memory_order(currents[0])
+        spikes, voltages = _run_lif_cpu(currents, p, record_voltage, pool, order)
+        ctx.save_for_backward(currents)
+        ctx.p, ctx.pool, ctx.order = p, pool, order
+        ctx.learned = tau_mem_inv is not None or v_th is not None
+        ctx.learned_dtype = next((value.dtype for value in (tau_mem_inv, v_th) if value is not None), None)
+        if voltages is not None:
+            ctx.mark_non_differentiable(voltages)
+        return spikes, voltages
+
+    @staticmethod
+    def backward(ctx, grad_spikes: torch.Tensor, _: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        (currents,) = ctx.saved_tensors
+        grad_steps = _dense_steps(grad_spikes.to(currents.dtype), ctx.order)
+        pooling = _pooling(currents.shape[1:], ctx.order, ctx.pool)
+        grad_currents, grad_a, grad_v_th = lif_cpu.backward(
+            _dense_steps(currents, ctx.order), grad_steps, ctx.p, ctx.learned, pooling
+        )
+        # d loss / d τm⁻¹ = dt · d loss / d(dt·τm⁻¹); a learned value that was not given (None) gets None back
+        grads = [torch.tensor(value, dtype=ctx.learned_dtype) for value in (grad_a * ctx.p.dt, grad_v_th)]
+        learned_grads = [grad if needed else None for grad, needed in zip(grads, ctx.needs_input_grad[4:])]
+        return _unflatten_steps(grad_currents, currents.shape, ctx.order), None, None, None, *learned_grads
+
+
 def _with_learned(p: LIFParameters, tau_mem_inv: torch.Tensor | None, v_th: torch.Tensor | None) -> LIFParameters:
     """``p`` with the current values of learned parameters (0-dim tensors) in place of its own."""
     if tau_mem_inv is not None:
@@ -199,6 +282,12 @@ def _with_learned(p: LIFParameters, tau_mem_inv: torch.Tensor | None, v_th: torc
     return p
 
 
+def _needs_graph(currents: torch.Tensor, tau_mem_inv: torch.Tensor | None, v_th: torch.Tensor | None) -> bool:
+    """Whether autograd records the layer: it is enabled and the currents or a learned value need gradients."""
+    learned = [value for value in (tau_mem_inv, v_th) if value is not None]
+    return torch.is_grad_enabled() and any(x.requires_grad for x in [currents, *learned])
+
+
 def lif_sequence(
     currents: torch.Tensor,
     p: LIFParameters,
@@ -206,21 +295,49 @@ def lif_sequence(
     compiled: bool = False,
     tau_mem_inv: torch.Tensor | None = None,
     v_th: torch.Tensor | None = None,
+    pool: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run a LIF layer over a whole sequence [T, B, ...] from rest (v = v_leak, i = 0), fused.
 
     Returns the spikes [T, B, ...] in the input's dtype and layout and, if asked, the membrane voltage
-    after each step (post-reset, in the state's precision). Without autograd nothing is kept for backward;
-    ``compiled`` runs each backward step as code generated by torch.compile. ``tau_mem_inv`` and ``v_th``, 0-dim
-    tensors (learned parameters, PLIF style), replace ``p``'s values and receive gradients.
+    after each step (post-reset, in the state's precision). Without autograd nothing is kept for backward.
+    ``compiled`` runs CPU currents through lif_cpu's C++ kernels (where ``lif_cpu.runs``), and elsewhere each backward
+    step as code generated by torch.compile. ``tau_mem_inv`` and ``v_th``, 0-dim tensors (learned parameters, PLIF
+    style), replace ``p``'s values and receive gradients. ``pool`` > 1 max-pools the spikes of [T, B, C, H, W] over
+    pool×pool windows of (H, W) at every step (``max_pool_over_time``): inside lif_cpu's kernels where they can
+    (``_pooling``), so the full spikes are never stored (the voltages stay unpooled).
     """
-    learned = [value for value in (tau_mem_inv, v_th) if value is not None]
-    if torch.is_grad_enabled() and any(x.requires_grad for x in [currents, *learned]):
-        return _FusedLIFSequence.apply(currents, p, record_voltage, compiled, tau_mem_inv, v_th)
-    spikes, _, voltages, _ = _run_lif(
-        currents, _with_learned(p, tau_mem_inv, v_th), record_voltage, keep_pre_reset=False
-    )
-    return spikes, voltages
+    if compiled and lif_cpu.runs(currents, p.surrogate):
+        if _pooling(currents.shape[1:], _memory_order(currents[0]), pool) is not None:
+            return _lif_cpu(currents, p, record_voltage, pool, tau_mem_inv, v_th)
+        spikes, voltages = _lif_cpu(currents, p, record_voltage, 1, tau_mem_inv, v_th)
+    elif _needs_graph(currents, tau_mem_inv, v_th):
+        spikes, voltages = _FusedLIFSequence.apply(currents, p, record_voltage, compiled, tau_mem_inv, v_th)
+    else:
+        p = _with_learned(p, tau_mem_inv, v_th)
+        spikes, _, voltages, _ = _run_lif(currents, p, record_voltage, keep_pre_reset=False)
+    return max_pool_over_time(spikes, pool), voltages
+
+
+def _lif_cpu(
+    currents: torch.Tensor,
+    p: LIFParameters,
+    record_voltage: bool,
+    pool: int,
+    tau_mem_inv: torch.Tensor | None,
+    v_th: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """lif_cpu's kernels: through autograd where gradients are needed, else the forward kernel alone."""
+    if _needs_graph(currents, tau_mem_inv, v_th):
+        return _CPULIFSequence.apply(currents, p, record_voltage, pool, tau_mem_inv, v_th)
+    return _run_lif_cpu(currents, _with_learned(p, tau_mem_inv, v_th), record_voltage, pool, _memory_order(currents[0]))
+
+
+def max_pool_over_time(spikes: torch.Tensor, size: int) -> torch.Tensor:
+    """size×size max-pooling (stride size) of the last two dims of [T, B, C, H, W], at every step (none for size 1)."""
+    if size == 1:
+        return spikes
+    return F.max_pool2d(spikes.flatten(0, 1), size).unflatten(0, spikes.shape[:2])
 
 
 def lif_sequence_reference(

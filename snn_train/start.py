@@ -22,7 +22,7 @@ from snn_train.errors import ConfigError
 from snn_train.model import ConvSNN
 from snn_train.progress import Progress
 from snn_train.schema import Config
-from snn_train.task import build_model, build_optimizer, build_scheduler, seed_everything
+from snn_train.task import bf16_emulated, build_model, build_optimizer, build_scheduler, seed_everything
 from snn_train.tensorboard import RunLogger
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ def start_run(cfg: Config, run_dir: Path) -> Run:
     check_writable(run_dir, run_dir / "checkpoints")
     resumed = load_for_resume(cfg) if cfg.train.resume is not None else None
     device = distributed.local_device(resolve_device(cfg.train.device))
+    if distributed.is_main() and bf16_emulated(device, cfg.train.precision):
+        log.warning("train.precision=bf16: this CPU has no bfloat16 hardware, so it is emulated and slower than fp32")
     keep_freed_memory()
     train_set, val_set = training_splits(cfg, load_split(cfg.data, train=True, seq_length=cfg.seq_length))
     train_set, val_set = train_set.to(device), val_set.to(device) if val_set is not None else None

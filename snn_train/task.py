@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.nn import functional as F
 
-from snn_train import distributed
+from snn_train import distributed, lif_cpu
 from snn_train.augment import random_affine
 from snn_train.data import NUM_CLASSES, Split
 from snn_train.errors import ConfigError
@@ -53,21 +53,17 @@ def _beta1(optim_cfg: OptimConfig) -> float:
     return optim_cfg.momentum
 
 
-def _fused(groups: list[dict]) -> bool | None:
-    """On a GPU, Adam's update as one fused kernel per parameter group instead of several per parameter."""
-    return True if groups[0]["params"][0].is_cuda else None
-
-
+# Each optimizer runs fused: one kernel per parameter group (CPU or GPU) instead of several tensor passes per parameter.
 def _adam(groups: list[dict], optim_cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(groups, lr=optim_cfg.lr, betas=(_beta1(optim_cfg), 0.999), fused=_fused(groups))
+    return torch.optim.Adam(groups, lr=optim_cfg.lr, betas=(_beta1(optim_cfg), 0.999), fused=True)
 
 
 def _adamw(groups: list[dict], optim_cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(_beta1(optim_cfg), 0.999), fused=_fused(groups))
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(_beta1(optim_cfg), 0.999), fused=True)
 
 
 def _sgd(groups: list[dict], optim_cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum)
+    return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum, fused=True)
 
 
 OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]] = {  # optim.name → builder
@@ -78,9 +74,9 @@ OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]
 
 
 def build_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The ``OPTIMIZERS`` entry named by optim.name. Adam and AdamW take ``momentum`` as beta1 (and on a GPU update in
-    one fused kernel per group); SGD as its momentum. Weight decay applies to the conv and fc weights only, not to
-    biases, batch-norm parameters, thresholds or time constants."""
+    """The ``OPTIMIZERS`` entry named by optim.name. Adam and AdamW take ``momentum`` as beta1; SGD as its momentum.
+    Weight decay applies to the conv and fc weights only, not to biases, batch-norm parameters, thresholds or time
+    constants."""
     parameters = list(model.parameters())
     groups = [
         {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": optim_cfg.weight_decay},
@@ -119,9 +115,16 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # train.precision → autoc
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
-    """Mixed precision for ``train.precision=bf16``: convolutions and matmuls in bfloat16, neuron state in float32."""
+    """Mixed precision for ``train.precision=bf16``: convolutions and matmuls in bfloat16, neuron state in float32,
+    spikes handed on in bfloat16."""
     dtype = PRECISIONS[precision]
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def bf16_emulated(device: torch.device, precision: str) -> bool:
+    """Whether ``precision`` asks for bfloat16 on a CPU without it in hardware (AVX512-BF16 or AMX, as oneDNN reports):
+    there it is emulated, several times slower than float32."""
+    return precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def seed_everything(seed: int) -> None:
@@ -150,10 +153,21 @@ def encoded_shard(
 
 def build_model(cfg: Config | DictConfig, input_shape: tuple[int, ...], device: torch.device) -> ConvSNN:
     """The configured network for this data; one that cannot be built (too big, too deep for the images) is a config
-    error."""
+    error. With train.compile on the CPU, the C++ LIF kernels are built here, before training, so a missing compiler is
+    reported in one line."""
     if cfg.model.num_classes < NUM_CLASSES:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.name} has {NUM_CLASSES} classes")
     try:
-        return ConvSNN.from_config(cfg.model, input_shape, cfg.train.compile, cfg.model.kernel).to(device)
+        model = ConvSNN.from_config(cfg.model, input_shape, cfg.train.compile, cfg.model.kernel).to(device)
     except (ValueError, TypeError, RuntimeError) as error:  # a size torch cannot take or allocate
         raise ConfigError(f"cannot build the network from model.*: {str(error).strip().splitlines()[0]}") from None
+    if cfg.train.compile and device.type == "cpu":
+        try:
+            lif_cpu.library()
+        except (OSError, RuntimeError) as error:
+            reason = str(error).strip().splitlines()[0].split(": [")[0]  # not the compiler's command line
+            raise ConfigError(
+                f"train.compile=true builds the CPU LIF kernels with a C++ compiler and ninja, which failed "
+                f"({reason}); install them, or use train.compile=false"
+            ) from None
+    return model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ from snn_train.progress import FinalMetrics
 from snn_train.schema import Config
 
 Method = TypeVar("Method", bound=Callable[..., Any])
+HISTOGRAM_SAMPLE = 2**16  # the most values a histogram is binned from
 
 
 def reported(method: Method) -> Method:
@@ -83,7 +85,11 @@ class RunLogger:
                 self.histogram(step, f"Gradients/{name}", parameter.grad)
 
     def histogram(self, step: int, tag: str, values: torch.Tensor) -> None:
-        """The finite values only (a diverging run's voltages overflow); nothing if none are."""
+        """The finite values only (a diverging run's voltages overflow); nothing if none are. A larger tensor is binned
+        from an even sample of HISTOGRAM_SAMPLE of its values: all of conv1's voltages (millions) took longer to bin
+        than a few training steps."""
+        values = values.detach().flatten()
+        values = values[:: max(1, math.ceil(len(values) / HISTOGRAM_SAMPLE))]
         finite = values.float()[torch.isfinite(values)]
         if not finite.numel():
             return

@@ -73,13 +73,19 @@ def interrupted(run: Run, signum: int) -> Interrupted:
     )
 
 
-def train_step(run: Run, index: torch.Tensor, epoch: int) -> torch.Tensor | None:
+def train_step(
+    run: Run, index: torch.Tensor, epoch: int, unchecked: list[tuple[int, int, torch.Tensor]]
+) -> torch.Tensor | None:
     """Forward, backward, update; returns the batch's summed loss and correct predictions over all ranks, or None for
     a batch skipped for its non-finite loss.
 
     Each rank takes its share of the batch; gradients are averaged over the ranks, so each rank's loss is its share's
     summed loss over the batch's mean share size: the update is that of the whole batch in one process, shares of
     unequal size (a batch that does not split evenly) included.
+
+    Under train.on_nan=stop the loss joins ``unchecked`` (step, batch, loss), checked at the next ``check_losses``
+    (logging, a checkpoint, the epoch's end), so a step need not wait for its result; train.on_nan=skip must know before
+    the update, so it checks every step.
     """
     cfg, step = run.cfg, run.progress.step
     encoded, labels = encoded_shard(run.encoder, run.train_set, index, cfg.augment)
@@ -92,30 +98,49 @@ def train_step(run: Run, index: torch.Tensor, epoch: int) -> torch.Tensor | None
         torch.stack([loss_sum.detach().float(), (logits.argmax(1) == labels).sum().float()])
     )
     loss = sums[0] / len(index)
-    finite = bool(torch.isfinite(loss))
-    if finite:
-        run.optimizer.zero_grad(set_to_none=True)
-        (loss_sum * (distributed.world_size() / len(index))).backward()
-        if cfg.train.grad_clip is not None:
-            nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip)
-        run.optimizer.step()
-        if run.scheduler is not None:
-            run.scheduler.step()
-    elif cfg.train.on_nan == "stop":
-        raise TrainingError(
-            f"loss is {loss.item()} at step {step} (epoch {epoch}, batch {run.progress.batch}); "
-            "stopped, keeping the checkpoints "
-            f"in {run.run_dir / 'checkpoints'}; try a lower optim.lr, train.grad_clip, or train.on_nan=skip"
-        )
+    if cfg.train.on_nan == "skip" and not bool(torch.isfinite(loss)):
+        skip(run, loss)
+        return None
+    run.optimizer.zero_grad(set_to_none=True)
+    (loss_sum * (distributed.world_size() / len(index))).backward()
+    if cfg.train.grad_clip is not None:
+        nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip)
+    run.optimizer.step()
+    if run.scheduler is not None:
+        run.scheduler.step()
+    if cfg.train.on_nan == "stop":
+        unchecked.append((step, run.progress.batch, loss))
+    if step % cfg.log.every_n_steps == 0 or step % cfg.log.histogram_every_n_steps == 0:
+        check_losses(run, unchecked, epoch)
     if trace is not None:
         run.logger.spike_statistics(step, encoded, trace)
-    if finite:
-        return sums
+    return sums
+
+
+def skip(run: Run, loss: torch.Tensor) -> None:
+    """Count and report a batch skipped for its non-finite loss (train.on_nan=skip)."""
     run.progress.skipped += 1
-    log.warning("loss is %s at step %d: batch skipped, no update (%d so far)", loss.item(), step, run.progress.skipped)
+    log.warning(
+        "loss is %s at step %d: batch skipped, no update (%d so far)",
+        loss.item(),
+        run.progress.step,
+        run.progress.skipped,
+    )
     if run.logger is not None:
-        run.logger.scalars(step, {"NaN/skipped_batches": run.progress.skipped})
-    return None
+        run.logger.scalars(run.progress.step, {"NaN/skipped_batches": run.progress.skipped})
+
+
+def check_losses(run: Run, unchecked: list[tuple[int, int, torch.Tensor]], epoch: int) -> None:
+    """Stop at the first non-finite loss among the steps not yet checked (one wait for all of them), before anything
+    logs or saves them; the checkpoints stay those written before it."""
+    finite = torch.isfinite(torch.stack([loss for *_, loss in unchecked])) if unchecked else None
+    if finite is not None and not bool(finite.all()):
+        step, batch, loss = unchecked[int((~finite).nonzero()[0])]
+        raise TrainingError(
+            f"loss is {loss.item()} at step {step} (epoch {epoch}, batch {batch}); stopped, keeping the checkpoints "
+            f"in {run.run_dir / 'checkpoints'}; try a lower optim.lr, train.grad_clip, or train.on_nan=skip"
+        )
+    unchecked.clear()
 
 
 def train_epoch(run: Run, epoch: int, stop: list[int]) -> None:
@@ -131,10 +156,11 @@ def train_epoch(run: Run, epoch: int, stop: list[int]) -> None:
     batches = list(batch_indices(len(run.train_set), cfg.train.batch_size, run.data_order, cfg.train.limit_batches))
     show = cfg.log.progress_bar and run.logger is not None
     bar = tqdm(total=len(batches), initial=progress.batch, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not show)
+    unchecked: list[tuple[int, int, torch.Tensor]] = []
     for index in batches[progress.batch :]:
         progress.step += 1
         progress.batch += 1
-        sums = train_step(run, index, epoch)
+        sums = train_step(run, index, epoch, unchecked)
         if sums is not None:
             loss_sum += sums[0]
             correct += sums[1].long()
@@ -149,11 +175,13 @@ def train_epoch(run: Run, epoch: int, stop: list[int]) -> None:
         signum = stop_signal(stop)
         # Not at the epoch's last batch: the epoch-end checkpoint follows, after events logged at this same step.
         if signum or (progress.step % cfg.train.checkpoint_every_n_steps == 0 and progress.batch < len(batches)):
+            check_losses(run, unchecked, epoch)
             tally(progress, loss_sum, correct, epoch_start)
             save(run, epoch_order)
         if signum:
             raise interrupted(run, signum)
     bar.close()
+    check_losses(run, unchecked, epoch)
     tally(progress, loss_sum, correct, epoch_start)
 
 

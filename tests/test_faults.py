@@ -34,6 +34,18 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: P
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_a_nan_loss_found_later_still_names_its_step_and_nothing_after_it_is_saved(
+    tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    """The losses are checked at logging, checkpoints and the epoch's end, not every step: here only at the end."""
+    rare = ["train.checkpoint_every_n_steps=100", "log.every_n_steps=100", "log.histogram_every_n_steps=100"]
+    cfg = load_config([*tiny_overrides, *EXPLODING, *rare, "train.limit_batches=6"])
+    with pytest.raises(TrainingError, match=re.escape("loss is nan at step 3 (epoch 1, batch 3); stopped")):
+        fit(cfg, tmp_path)
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))
+    assert not (tmp_path / "metrics.json").exists()
+
+
 def test_on_nan_skip_drops_the_updates_of_non_finite_batches_and_counts_them(
     tmp_path: Path, tiny_overrides: list[str]
 ) -> None:

@@ -29,6 +29,7 @@ def test_wheel_ships_every_config_file(tmp_path: Path) -> None:
     assert len(expected) >= 17
     assert expected <= names
     assert "snn_train/cli.py" in names
+    assert "snn_train/lif_cpu.cpp" in names  # train.compile builds it on the CPU
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "snn-train = snn_train.cli:train" in entry_points and "snn-eval = snn_train.cli:evaluate" in entry_points
     assert "snn-export = snn_train.cli:export" in entry_points

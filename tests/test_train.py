@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from snn_train import ConvSNN, LIFParameters, LIParameters, load_config
 from snn_train.cli import run
 from snn_train.config import compose
+from snn_train.start import start_run
 from snn_train.task import build_optimizer, build_scheduler, decode, learning_rate_factor, objective
 from snn_train.train import fit
 
@@ -114,6 +115,17 @@ def test_bf16_training_learns_as_fp32_does(tmp_path: Path, tiny_overrides: list[
     assert bf16[-1].test_accuracy >= 0.9
     assert abs(bf16[-1].train_loss - fp32[-1].train_loss) < 0.25 * fp32[0].train_loss
     assert bf16[-1].train_loss != fp32[-1].train_loss
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_says_once_at_start_where_the_cpu_only_emulates_it(
+    native: bool, tmp_path: Path, tiny_overrides: list[str], monkeypatch, caplog
+) -> None:
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    run = start_run(load_config([*tiny_overrides, "train.precision=bf16"]), tmp_path)
+    run.logger.close()
+    emulated = [record for record in caplog.records if "emulated" in record.getMessage()]
+    assert len(emulated) == (0 if native else 1) and all(record.levelname == "WARNING" for record in emulated)
 
 
 @pytest.mark.slow

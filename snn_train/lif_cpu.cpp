@@ -1,0 +1,341 @@
+// The LIF layer on the CPU in one pass per direction: each thread walks a block of neurons through all T steps,
+// keeping v and i in a small local array, so every input and output element is read or written once.
+//
+// One step, as neurons.lif_step (Norse's equations), in the same order of IEEE operations as the torch kernel, so
+// spikes are bit-identical (built with -ffp-contract=off, no fast-math):
+//     i ← i + I
+//     v_pre = v + ((v_leak − v) + i)·a          a = dt·τm⁻¹
+//     i ← i − i·b                               b = dt·τs⁻¹
+//     z = Θ(v_pre − v_th)
+//     v ← z ? v_reset : v_pre
+// Backward recomputes v_pre from the currents (nothing else is kept) and runs the pass through time in reverse:
+//     g_z = g_spike + g_v·(v_reset − v_pre);  g_vpre = g_v·(v_pre ≤ v_th) + g_z·σ'(v_pre − v_th)
+//     g_i ← g_i·(1 − b) + a·g_vpre  (= the gradient of this step's current);  g_v ← g_vpre·(1 − a)
+// With pool > 1 the spikes are max-pooled over p×p windows as they are made (torch's max_pool2d: a window's output is
+// its largest spike, its gradient goes to the first largest in row-major order), so the full spikes are never stored.
+// Plain C entry points (called through ctypes): no torch headers, so the first build takes about a second.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 512;  // neurons per block: the state of a block stays in L1
+
+enum DType { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2 };
+enum Surrogate { kSuper = 0, kTanh = 1, kTriangle = 2, kCirc = 3, kErfc = 4, kAtan = 5 };
+
+struct BFloat16 {
+    uint16_t bits;
+};
+
+inline float to_state(float x) { return x; }
+inline double to_state(double x) { return x; }
+inline float to_state(BFloat16 x) {
+    uint32_t bits = static_cast<uint32_t>(x.bits) << 16;
+    float y;
+    std::memcpy(&y, &bits, sizeof y);
+    return y;
+}
+
+inline void store(float& out, float x) { out = x; }
+inline void store(double& out, double x) { out = x; }
+inline void store(BFloat16& out, float x) {  // round to nearest, ties to even, as torch does; NaN stays NaN
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    out.bits = x != x ? uint16_t{0x7FC0} : static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+template <typename S>
+struct Constants {
+    S a, b, v_leak, v_th, v_reset, alpha;
+};
+
+// d spike / d x at x = v_pre − v_th: surrogates.py's formulas.
+template <int Kind, typename S>
+inline S surrogate(S x, S alpha) {
+    const S pi = S(3.14159265358979323846);
+    if constexpr (Kind == kSuper) {
+        S d = alpha * std::fabs(x) + S(1);
+        return S(1) / (d * d);
+    } else if constexpr (Kind == kTanh) {
+        S t = std::tanh(alpha * x);
+        return S(1) - t * t;
+    } else if constexpr (Kind == kTriangle) {
+        S d = S(1) - std::fabs(x);
+        return alpha * (d > S(0) ? d : S(0));
+    } else if constexpr (Kind == kCirc) {
+        S s = alpha * alpha + x * x;
+        return alpha * alpha * alpha / (s * std::sqrt(s));
+    } else if constexpr (Kind == kErfc) {
+        S y = alpha * x;
+        return alpha / std::sqrt(pi) * std::exp(-(y * y));
+    } else {
+        S y = pi / S(2) * alpha * x;
+        return alpha / S(2) / (S(1) + y * y);
+    }
+}
+
+// One step's N values in memory as [outer, H, W, inner], cut into blocks a thread takes whole: without pooling, runs
+// of kBlock values; with p×p pooling, the p rows of one output row (H and W are multiples of p).
+struct Layout {
+    int64_t N, W, inner, pool;
+
+    int64_t blocks() const { return pool == 1 ? (N + kBlock - 1) / kBlock : N / (pool * W * inner); }
+    int64_t block_length() const { return pool == 1 ? kBlock : pool * W * inner; }
+    int64_t start(int64_t block) const { return block * block_length(); }
+    int64_t length(int64_t block) const {
+        const int64_t rest = N - start(block);
+        return rest < block_length() ? rest : block_length();
+    }
+    int64_t pooled_per_block() const { return W / pool * inner; }  // outputs of a block (with pooling)
+    int64_t pooled() const { return N / (pool * pool); }           // outputs of a step (with pooling)
+    // Offset in a block of its row dh, column w, inner index c.
+    int64_t at(int64_t dh, int64_t w, int64_t c) const { return (dh * W + w) * inner + c; }
+};
+
+int threads_for(int64_t blocks, int threads) { return static_cast<int>(blocks < threads ? blocks : threads); }
+
+// Steps 0..T-1 of the block's neurons [n0, n0+len) from rest: calls keep(t, k, v_pre, drive, v_post) for each neuron
+// at each step, where drive = (v_leak − v) + i is d v_pre / d a, and stepped(t) once each step is done.
+template <typename In, typename S, typename Keep, typename Stepped>
+inline void run_block(const In* currents, int64_t step_stride, int64_t T, int64_t n0, int64_t len,
+                      const Constants<S>& constants, S* v, S* i, Keep keep, Stepped stepped) {
+    const Constants<S> c = constants;  // in registers: the compiler cannot tell that outputs do not alias it
+    for (int64_t k = 0; k < len; ++k) {
+        v[k] = c.v_leak;
+        i[k] = S(0);
+    }
+    for (int64_t t = 0; t < T; ++t) {
+        const In* current = currents + t * step_stride + n0;
+#pragma omp simd
+        for (int64_t k = 0; k < len; ++k) {
+            S i_in = i[k] + to_state(current[k]);
+            S drive = (c.v_leak - v[k]) + i_in;
+            S pre = v[k] + drive * c.a;
+            i[k] = i_in - i_in * c.b;
+            S post = pre > c.v_th ? c.v_reset : pre;
+            v[k] = post;
+            keep(t, k, pre, drive, post);
+        }
+        stepped(t);
+    }
+}
+
+// A block's pooled spikes at one step, from its spikes z (0 or 1) in block order; ``any`` is scratch space for
+// ``inner`` values.
+template <typename In, typename S>
+inline void pool_block(const Layout& g, const S* z, In* pooled, int32_t* any) {
+    const int64_t p = g.pool, inner = g.inner;
+    for (int64_t wo = 0; wo < g.W / p; ++wo) {
+        for (int64_t c = 0; c < inner; ++c) any[c] = 0;
+        for (int64_t r = 0; r < p * p; ++r) {
+            const S* window = z + g.at(r / p, wo * p + r % p, 0);
+#pragma omp simd
+            for (int64_t c = 0; c < inner; ++c) any[c] |= window[c] > S(0);
+        }
+        for (int64_t c = 0; c < inner; ++c) store(pooled[wo * inner + c], any[c] ? S(1) : S(0));
+    }
+}
+
+// The spikes' gradient in block order at one step from the pooled one: each window's to its first spiking neuron in
+// row-major order, or to its first neuron if none spiked, as max_pool2d's backward; every other neuron's is zero.
+// ``found`` is scratch space for ``inner`` values. (Integer masks and unconditional loads: the loops vectorize.)
+template <typename In, typename S>
+inline void unpool_block(const Layout& g, const S* pre, S v_th, const In* grad_pooled, S* grad, int32_t* found) {
+    const int64_t p = g.pool, inner = g.inner;
+    for (int64_t wo = 0; wo < g.W / p; ++wo) {
+        const In* g_window = grad_pooled + wo * inner;
+        for (int64_t c = 0; c < inner; ++c) found[c] = 0;
+        for (int64_t r = 0; r < p * p; ++r) {
+            const int64_t base = g.at(r / p, wo * p + r % p, 0);
+#pragma omp simd
+            for (int64_t c = 0; c < inner; ++c) {
+                const int32_t spiked = pre[base + c] > v_th, before = found[c];
+                const S g_c = to_state(g_window[c]);
+                grad[base + c] = (spiked & ~before) ? g_c : S(0);  // the window's first spike
+                found[c] = spiked | before;
+            }
+        }
+        const int64_t first = g.at(0, wo * p, 0);
+#pragma omp simd
+        for (int64_t c = 0; c < inner; ++c) {
+            const S g_c = to_state(g_window[c]), assigned = grad[first + c];
+            grad[first + c] = found[c] ? assigned : g_c;  // no spike in the window: its first neuron
+        }
+    }
+}
+
+// Spikes [T, N], or with pooling [T, N/p²], and post-reset voltages [T, N] if Record.
+template <bool Record, typename In, typename S>
+void forward(const In* currents, int64_t step_stride, int64_t T, const Layout& g, In* spikes, S* voltages,
+             const Constants<S>& c, int threads) {
+    const int64_t blocks = g.blocks(), N = g.N, outputs = g.pool == 1 ? N : g.pooled();
+    const int64_t per_block = g.pool == 1 ? g.block_length() : g.pooled_per_block();
+#pragma omp parallel num_threads(threads_for(blocks, threads))
+    {
+        std::vector<S> v(g.block_length()), i(g.block_length()), z(g.block_length());
+        std::vector<int32_t> any(g.inner);
+#pragma omp for schedule(static)
+        for (int64_t block = 0; block < blocks; ++block) {
+            const int64_t n0 = g.start(block);
+            In* out = spikes + block * per_block;
+            S* u = voltages + n0;
+            S* zb = z.data();
+            const S v_th = c.v_th;
+            run_block(
+                currents, step_stride, T, n0, g.length(block), c, v.data(), i.data(),
+                [&](int64_t t, int64_t k, S pre, S, S post) {
+                    zb[k] = pre > v_th ? S(1) : S(0);
+                    if constexpr (Record) u[t * N + k] = post;
+                },
+                [&](int64_t t) {
+                    if (g.pool > 1) return pool_block(g, zb, out + t * outputs, any.data());
+                    for (int64_t k = 0; k < g.length(block); ++k) store(out[t * outputs + k], zb[k]);
+                });
+        }
+    }
+}
+
+// The currents' gradient [T, N] from the spikes' [T, N], or with pooling the pooled spikes' [T, N/p²] (step t at
+// grad + t·grad_stride).
+template <int Kind, bool Learned, typename In, typename S>
+void backward(const In* currents, int64_t step_stride, const In* grad, int64_t grad_stride, int64_t T,
+              const Layout& g, In* grad_currents, const Constants<S>& constants, double* grad_a, double* grad_v_th,
+              int threads) {
+    const int64_t blocks = g.blocks(), N = g.N, L = g.block_length();
+    const int64_t per_block = g.pool == 1 ? L : g.pooled_per_block();
+    double sum_a = 0, sum_v_th = 0;
+#pragma omp parallel num_threads(threads_for(blocks, threads)) reduction(+ : sum_a, sum_v_th)
+    {
+        const Constants<S> c = constants;
+        std::vector<S> pre_kept(T * L), drive_kept(Learned ? T * L : 0), v(L), i(L), g_v(L), g_i(L), g_spike(L);
+        std::vector<int32_t> found(g.inner);
+        std::vector<double> acc_a(L), acc_v_th(L);
+        S *gv = g_v.data(), *gi = g_i.data(), *gs = g_spike.data();
+        double *aa = acc_a.data(), *av = acc_v_th.data();
+#pragma omp for schedule(static)
+        for (int64_t block = 0; block < blocks; ++block) {
+            const int64_t n0 = g.start(block), len = g.length(block);
+            run_block(
+                currents, step_stride, T, n0, len, c, v.data(), i.data(),
+                [&](int64_t t, int64_t k, S pre, S drive, S) {
+                    pre_kept[t * L + k] = pre;
+                    if constexpr (Learned) drive_kept[t * L + k] = drive;
+                },
+                [](int64_t) {});
+            for (int64_t k = 0; k < len; ++k) gv[k] = gi[k] = S(0), aa[k] = av[k] = 0;
+            for (int64_t t = T - 1; t >= 0; --t) {
+                const S* pre = pre_kept.data() + t * L;
+                const S* drive = drive_kept.data() + t * L;
+                const In* grad_out = grad + t * grad_stride + block * per_block;
+                if (g.pool > 1) {
+                    unpool_block(g, pre, c.v_th, grad_out, gs, found.data());
+                } else {
+                    for (int64_t k = 0; k < len; ++k) gs[k] = to_state(grad_out[k]);
+                }
+                In* g_current = grad_currents + t * N + n0;
+#pragma omp simd
+                for (int64_t k = 0; k < len; ++k) {
+                    S x = pre[k] - c.v_th;
+                    S g_x = (gs[k] + gv[k] * (c.v_reset - pre[k])) * surrogate<Kind>(x, c.alpha);
+                    S g_pre = (x <= S(0) ? gv[k] : S(0)) + g_x;
+                    gi[k] = gi[k] * (S(1) - c.b) + c.a * g_pre;
+                    gv[k] = g_pre * (S(1) - c.a);
+                    store(g_current[k], gi[k]);
+                    if constexpr (Learned) {
+                        aa[k] += g_pre * drive[k];
+                        av[k] -= g_x;
+                    }
+                }
+            }
+            if constexpr (Learned) {
+                for (int64_t k = 0; k < len; ++k) sum_a += aa[k], sum_v_th += av[k];
+            }
+        }
+    }
+    *grad_a = sum_a;
+    *grad_v_th = sum_v_th;
+}
+
+template <typename In, typename S>
+void backward_for(int kind, bool learned, const In* currents, int64_t step_stride, const In* grad, int64_t grad_stride,
+                  int64_t T, const Layout& g, In* grad_currents, const Constants<S>& c, double* grad_a,
+                  double* grad_v_th, int threads) {
+    auto run = [&](auto kind_tag, auto learned_tag) {
+        backward<decltype(kind_tag)::value, decltype(learned_tag)::value>(
+            currents, step_stride, grad, grad_stride, T, g, grad_currents, c, grad_a, grad_v_th, threads);
+    };
+    auto with_kind = [&](auto kind_tag) {
+        return learned ? run(kind_tag, std::true_type{}) : run(kind_tag, std::false_type{});
+    };
+    switch (kind) {
+        case kSuper:
+            return with_kind(std::integral_constant<int, kSuper>{});
+        case kTanh:
+            return with_kind(std::integral_constant<int, kTanh>{});
+        case kTriangle:
+            return with_kind(std::integral_constant<int, kTriangle>{});
+        case kCirc:
+            return with_kind(std::integral_constant<int, kCirc>{});
+        case kErfc:
+            return with_kind(std::integral_constant<int, kErfc>{});
+        default:
+            return with_kind(std::integral_constant<int, kAtan>{});
+    }
+}
+
+template <typename S>
+Constants<S> constants(double a, double b, double v_leak, double v_th, double v_reset, double alpha) {
+    return Constants<S>{S(a), S(b), S(v_leak), S(v_th), S(v_reset), S(alpha)};
+}
+
+// Calls run(In{}, S{}) with the currents' type and the state's: float32, float64, or bfloat16 with float32 state.
+template <typename Run>
+void with_types(int dtype, Run run) {
+    if (dtype == kFloat64) return run(double{}, double{});
+    if (dtype == kBFloat16) return run(BFloat16{}, float{});
+    run(float{}, float{});
+}
+
+}  // namespace
+
+extern "C" {
+
+// Spikes [T, N] (the currents' dtype) or, with pool > 1, max-pooled spikes [T, N/pool²], and, if ``voltages`` is not
+// null, post-reset voltages [T, N] (float32, or float64 for float64 currents). Step t's currents start at
+// currents + t·step_stride (0: the same every step); a step's N values are [outer, H, W, inner] in memory.
+void lif_forward(int dtype, const void* currents, int64_t step_stride, int64_t T, int64_t N, int64_t W,
+                 int64_t inner, int64_t pool, void* spikes, void* voltages, double a, double b, double v_leak,
+                 double v_th, double v_reset, int threads) {
+    const Layout g{N, W, inner, pool};
+    with_types(dtype, [&](auto in, auto state) {
+        using In = decltype(in);
+        using S = decltype(state);
+        const auto c = constants<S>(a, b, v_leak, v_th, v_reset, 0);
+        const auto* x = static_cast<const In*>(currents);
+        auto* out = static_cast<In*>(spikes);
+        if (voltages) return forward<true>(x, step_stride, T, g, out, static_cast<S*>(voltages), c, threads);
+        forward<false>(x, step_stride, T, g, out, static_cast<S*>(nullptr), c, threads);
+    });
+}
+
+// The currents' gradient [T, N] (their dtype) from that of lif_forward's spikes (step t at grad + t·grad_stride); with
+// ``learned``, also d loss / d a into grad_a and d loss / d v_th into grad_v_th.
+void lif_backward(int dtype, const void* currents, int64_t step_stride, const void* grad, int64_t grad_stride,
+                  int64_t T, int64_t N, int64_t W, int64_t inner, int64_t pool, void* grad_currents, double a,
+                  double b, double v_leak, double v_th, double v_reset, double alpha, int surrogate_kind, int learned,
+                  double* grad_a, double* grad_v_th, int threads) {
+    const Layout g{N, W, inner, pool};
+    with_types(dtype, [&](auto in, auto state) {
+        using In = decltype(in);
+        using S = decltype(state);
+        backward_for(surrogate_kind, learned, static_cast<const In*>(currents), step_stride,
+                     static_cast<const In*>(grad), grad_stride, T, g, static_cast<In*>(grad_currents),
+                     constants<S>(a, b, v_leak, v_th, v_reset, alpha), grad_a, grad_v_th, threads);
+    });
+}
+}

@@ -1,0 +1,153 @@
+"""The C++ LIF kernels (train.compile on the CPU) beyond the oracle tests of test_kernels.py: layouts, threads,
+bfloat16, what they keep for backward, and a failed build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from snn_train import lif_cpu, load_config
+from snn_train.errors import ConfigError
+from snn_train.neurons import (
+    LIFParameters,
+    lif_sequence,
+    lif_sequence_reference,
+    max_pool_over_time,
+)
+from snn_train.task import build_model
+
+P = LIFParameters(
+    tau_syn_inv=150.0, tau_mem_inv=300.0, v_leak=0.1, v_th=0.7, v_reset=-0.2, dt=1e-3, surrogate="super", alpha=5.0
+)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+def layout(name: str) -> torch.Tensor:
+    """Currents [7, 3, 4, 5, 6] laid out as named."""
+    torch.manual_seed(1)
+    if name == "repeated_over_time":
+        return (torch.rand(3, 4, 5, 6) * 3).expand(7, -1, -1, -1, -1)
+    if name == "channels_last":
+        return torch.rand(21, 4, 5, 6).mul(3).contiguous(memory_format=torch.channels_last).unflatten(0, (7, 3))
+    return (torch.rand(7, 3, 4, 5, 12) * 3)[..., ::2]  # every other value: no step is dense
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("name", ["channels_last", "repeated_over_time", "strided"])
+def test_any_layout_and_thread_count_gives_the_step_loops_results(name: str, threads: int) -> None:
+    currents = layout(name).requires_grad_()
+    upstream = torch.randn(currents.shape)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        spikes, voltages = lif_sequence(currents, P, record_voltage=True, compiled=True)
+        (grad,) = torch.autograd.grad(spikes, currents, upstream)
+    finally:
+        torch.set_num_threads(previous)
+    dense = currents.detach().contiguous().requires_grad_()
+    ref_spikes, ref_voltages = lif_sequence_reference(dense, P, record_voltage=True)
+    (ref_grad,) = torch.autograd.grad(ref_spikes, dense, upstream)
+    assert torch.equal(spikes, ref_spikes)
+    assert 0 < spikes.mean() < 1
+    assert relative_error(voltages, ref_voltages) <= 1e-5
+    assert relative_error(grad, ref_grad) <= 1e-5
+    if name == "channels_last":
+        assert spikes.stride() == currents.stride()
+
+
+def saved_bytes(run) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward pass of what ``run()`` computes."""
+    storages = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(storages.values())
+
+
+# The kernel pools channels-last steps itself; other layouts are pooled by max_pool2d after it.
+POOLED_LAYOUTS = {
+    "channels_last": lambda: torch.rand(6 * 3, 8, 6, 12).contiguous(memory_format=torch.channels_last),
+    "contiguous": lambda: torch.rand(6 * 3, 8, 6, 12),
+    "repeated_over_time": lambda: torch.rand(3, 8, 6, 12).contiguous(memory_format=torch.channels_last),
+    "not_a_multiple": lambda: torch.rand(6 * 3, 8, 7, 12).contiguous(memory_format=torch.channels_last),
+}
+
+
+@pytest.mark.parametrize("learned", [False, True])
+@pytest.mark.parametrize("pool", [2, 3])
+@pytest.mark.parametrize("name", sorted(POOLED_LAYOUTS))
+def test_pooling_inside_the_kernel_gives_the_pooled_step_loop(name: str, pool: int, learned: bool) -> None:
+    torch.manual_seed(pool)
+    made = POOLED_LAYOUTS[name]()
+    currents = made.expand(6, -1, -1, -1, -1) if name == "repeated_over_time" else made.unflatten(0, (6, 3))
+    currents = currents.detach().requires_grad_()
+    values = {"tau_mem_inv": torch.tensor(250.0, requires_grad=True), "v_th": torch.tensor(0.8, requires_grad=True)}
+    values = values if learned else {}
+    inputs = [currents, *values.values()]
+    pooled = lif_sequence(currents, P, compiled=True, pool=pool, **values)[0]
+    upstream = torch.randn(pooled.shape)
+    grads = torch.autograd.grad(pooled, inputs, upstream)
+    unfused = max_pool_over_time(lif_sequence(currents, P, compiled=True, **values)[0], pool)
+    unfused_grads = torch.autograd.grad(unfused, inputs, upstream)
+    reference = max_pool_over_time(lif_sequence_reference(currents, P, **values)[0], pool)
+    reference_grads = torch.autograd.grad(reference, inputs, upstream)
+    assert torch.equal(pooled, reference) and torch.equal(pooled, unfused)
+    assert 0 < pooled.mean() < 1
+    assert torch.equal(grads[0], unfused_grads[0])  # the same arithmetic on the same spike gradients
+    for grad, reference_grad in zip(grads, reference_grads):
+        assert relative_error(grad, reference_grad) <= 1e-5
+    if name == "channels_last":
+        assert pooled.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+    if name not in ("not_a_multiple", "contiguous"):  # pooled inside the kernel: autograd keeps only the currents
+        kept = saved_bytes(lambda: lif_sequence(currents, P, compiled=True, pool=pool, **values)[0])
+        assert kept == currents.untyped_storage().nbytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_keeps_only_the_currents(dtype: torch.dtype) -> None:
+    step = (torch.rand(8, 300) * 3).to(dtype).requires_grad_()
+    repeated = step.expand(16, -1, -1)
+    currents = (torch.rand(16, 8, 300) * 3).to(dtype).requires_grad_()
+    assert saved_bytes(lambda: lif_sequence(repeated, P, compiled=True)) == step.numel() * step.element_size()
+    assert saved_bytes(lambda: lif_sequence(currents, P, compiled=True)) == currents.numel() * currents.element_size()
+    images = (torch.rand(4, 8, 6, 6) * 3).to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    pooled = lif_sequence(images.expand(16, -1, -1, -1, -1), P, compiled=True, pool=2)[0]
+    assert pooled.shape == (16, 4, 8, 3, 3)  # neither the full spikes nor max_pool2d's indices are kept
+    assert saved_bytes(lambda: lif_sequence(images.expand(16, -1, -1, -1, -1), P, compiled=True, pool=2)[0]) == (
+        images.numel() * images.element_size()
+    )
+
+
+def test_bfloat16_stays_bfloat16_with_the_spikes_and_gradients_of_its_float32_values() -> None:
+    torch.manual_seed(3)
+    currents = (torch.rand(12, 4, 50) * 3).to(torch.bfloat16).requires_grad_()
+    upstream = torch.randn(12, 4, 50).to(torch.bfloat16)
+    spikes, _ = lif_sequence(currents, P, compiled=True)
+    (grad,) = torch.autograd.grad(spikes, currents, upstream)
+    wide = currents.detach().float().requires_grad_()
+    ref_spikes, _ = lif_sequence_reference(wide, P)
+    (ref_grad,) = torch.autograd.grad(ref_spikes, wide, upstream.float())
+    assert spikes.dtype == grad.dtype == torch.bfloat16
+    assert torch.equal(spikes.float(), ref_spikes)
+    assert relative_error(grad, ref_grad) <= 1e-2  # bfloat16 keeps 8 bits of mantissa
+
+
+def test_a_failed_build_is_one_config_error_naming_the_way_out(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-compiler"))
+    lif_cpu.library.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="train.compile=false") as error:
+            build_model(load_config(["train.device=cpu"]), (1, 28, 28), torch.device("cpu"))
+    finally:
+        lif_cpu.library.cache_clear()
+    assert "\n" not in str(error.value)
