@@ -17,7 +17,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <omp.h>
+
 #include <cstring>
+#include <memory>
+#include <numeric>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -99,6 +104,34 @@ struct Layout {
 
 int threads_for(int64_t blocks, int threads) { return static_cast<int>(blocks < threads ? blocks : threads); }
 
+// Consecutive arrays in one thread's part of a work space; with no base it only counts the bytes they need.
+struct Slab {
+    char* base;
+    std::size_t used = 0;
+
+    template <typename X>
+    X* take(int64_t n) {
+        X* array = base ? reinterpret_cast<X*>(base + used) : nullptr;
+        used += (n * sizeof(X) + 63) / 64 * 64;
+        return array;
+    }
+};
+
+// Runs body(slab) on each of ``threads`` OpenMP threads, each slab laid out by carve(slab) in a work space the
+// calling thread allocates: an OpenMP thread's own allocations come from a malloc arena that returns freed memory to
+// the kernel, to be faulted in afresh at the next call.
+template <typename Carve, typename Body>
+void in_parallel(int threads, Carve carve, Body body) {
+    Slab probe{nullptr};
+    carve(probe);
+    const std::unique_ptr<char[]> space(new char[probe.used * threads]);
+#pragma omp parallel num_threads(threads)
+    {
+        Slab slab{space.get() + probe.used * omp_get_thread_num()};
+        body(slab);
+    }
+}
+
 // Steps 0..T-1 of the block's neurons [n0, n0+len) from rest: calls keep(t, k, v_pre, drive, v_post) for each neuron
 // at each step, where drive = (v_leak − v) + i is d v_pre / d a, and stepped(t) once each step is done.
 template <typename In, typename S, typename Keep, typename Stepped>
@@ -175,65 +208,71 @@ void forward(const In* currents, int64_t step_stride, int64_t T, const Layout& g
              const Constants<S>& c, int threads) {
     const int64_t blocks = g.blocks(), N = g.N, outputs = g.pool == 1 ? N : g.pooled();
     const int64_t per_block = g.pool == 1 ? g.block_length() : g.pooled_per_block();
-#pragma omp parallel num_threads(threads_for(blocks, threads))
-    {
-        std::vector<S> v(g.block_length()), i(g.block_length()), z(g.block_length());
-        std::vector<int32_t> any(g.inner);
+    const int64_t L = g.block_length();
+    const auto carve = [&](Slab& slab) {  // v, i, spikes z of a block; scratch for pooling
+        return std::make_tuple(slab.take<S>(L), slab.take<S>(L), slab.take<S>(L), slab.take<int32_t>(g.inner));
+    };
+    in_parallel(threads_for(blocks, threads), carve, [&](Slab& slab) {
+        const auto [v, i, z, any] = carve(slab);
 #pragma omp for schedule(static)
         for (int64_t block = 0; block < blocks; ++block) {
             const int64_t n0 = g.start(block);
             In* out = spikes + block * per_block;
             S* u = voltages + n0;
-            S* zb = z.data();
             const S v_th = c.v_th;
             run_block(
-                currents, step_stride, T, n0, g.length(block), c, v.data(), i.data(),
+                currents, step_stride, T, n0, g.length(block), c, v, i,
                 [&](int64_t t, int64_t k, S pre, S, S post) {
-                    zb[k] = pre > v_th ? S(1) : S(0);
+                    z[k] = pre > v_th ? S(1) : S(0);
                     if constexpr (Record) u[t * N + k] = post;
                 },
                 [&](int64_t t) {
-                    if (g.pool > 1) return pool_block(g, zb, out + t * outputs, any.data());
-                    for (int64_t k = 0; k < g.length(block); ++k) store(out[t * outputs + k], zb[k]);
+                    if (g.pool > 1) return pool_block(g, z, out + t * outputs, any);
+                    for (int64_t k = 0; k < g.length(block); ++k) store(out[t * outputs + k], z[k]);
                 });
         }
-    }
+    });
 }
 
-// The currents' gradient [T, N] from the spikes' [T, N], or with pooling the pooled spikes' [T, N/p²] (step t at
+// The currents' gradient [T, N], or with SumOverTime [N] (its sum over the steps: the gradient of a step repeated at
+// every time step), from the spikes' [T, N], or with pooling the pooled spikes' [T, N/p²] (step t at
 // grad + t·grad_stride).
-template <int Kind, bool Learned, typename In, typename S>
+template <int Kind, bool Learned, bool SumOverTime, typename In, typename S>
 void backward(const In* currents, int64_t step_stride, const In* grad, int64_t grad_stride, int64_t T,
               const Layout& g, In* grad_currents, const Constants<S>& constants, double* grad_a, double* grad_v_th,
               int threads) {
     const int64_t blocks = g.blocks(), N = g.N, L = g.block_length();
     const int64_t per_block = g.pool == 1 ? L : g.pooled_per_block();
-    double sum_a = 0, sum_v_th = 0;
-#pragma omp parallel num_threads(threads_for(blocks, threads)) reduction(+ : sum_a, sum_v_th)
-    {
+    const int threads_used = threads_for(blocks, threads);
+    std::vector<double> sums_a(threads_used), sums_v_th(threads_used);  // each thread's share of the learned gradients
+    const auto carve = [&](Slab& slab) {
+        return std::make_tuple(slab.take<S>(T * L), slab.take<S>(Learned ? T * L : 0), slab.take<S>(L), slab.take<S>(L),
+                               slab.take<S>(L), slab.take<S>(L), slab.take<S>(L), slab.take<int32_t>(g.inner),
+                               slab.take<double>(L), slab.take<double>(L));
+    };
+    in_parallel(threads_used, carve, [&](Slab& slab) {
+        const auto [pre_kept, drive_kept, v, i, gv, gi, gs, found, aa, av] = carve(slab);
         const Constants<S> c = constants;
-        std::vector<S> pre_kept(T * L), drive_kept(Learned ? T * L : 0), v(L), i(L), g_v(L), g_i(L), g_spike(L);
-        std::vector<int32_t> found(g.inner);
-        std::vector<double> acc_a(L), acc_v_th(L);
-        S *gv = g_v.data(), *gi = g_i.data(), *gs = g_spike.data();
-        double *aa = acc_a.data(), *av = acc_v_th.data();
+        double& sum_a = sums_a[omp_get_thread_num()];
+        double& sum_v_th = sums_v_th[omp_get_thread_num()];
 #pragma omp for schedule(static)
         for (int64_t block = 0; block < blocks; ++block) {
             const int64_t n0 = g.start(block), len = g.length(block);
             run_block(
-                currents, step_stride, T, n0, len, c, v.data(), i.data(),
+                currents, step_stride, T, n0, len, c, v, i,
                 [&](int64_t t, int64_t k, S pre, S drive, S) {
                     pre_kept[t * L + k] = pre;
                     if constexpr (Learned) drive_kept[t * L + k] = drive;
                 },
                 [](int64_t) {});
-            for (int64_t k = 0; k < len; ++k) gv[k] = gi[k] = S(0), aa[k] = av[k] = 0;
+            S* g_sum = v;  // the recomputed state is spent: it holds the sum over time
+            for (int64_t k = 0; k < len; ++k) gv[k] = gi[k] = g_sum[k] = S(0), aa[k] = av[k] = 0;
             for (int64_t t = T - 1; t >= 0; --t) {
-                const S* pre = pre_kept.data() + t * L;
-                const S* drive = drive_kept.data() + t * L;
+                const S* pre = pre_kept + t * L;
+                const S* drive = drive_kept + t * L;
                 const In* grad_out = grad + t * grad_stride + block * per_block;
                 if (g.pool > 1) {
-                    unpool_block(g, pre, c.v_th, grad_out, gs, found.data());
+                    unpool_block(g, pre, c.v_th, grad_out, gs, found);
                 } else {
                     for (int64_t k = 0; k < len; ++k) gs[k] = to_state(grad_out[k]);
                 }
@@ -245,32 +284,43 @@ void backward(const In* currents, int64_t step_stride, const In* grad, int64_t g
                     S g_pre = (x <= S(0) ? gv[k] : S(0)) + g_x;
                     gi[k] = gi[k] * (S(1) - c.b) + c.a * g_pre;
                     gv[k] = g_pre * (S(1) - c.a);
-                    store(g_current[k], gi[k]);
+                    if constexpr (SumOverTime) {
+                        g_sum[k] += gi[k];
+                    } else {
+                        store(g_current[k], gi[k]);
+                    }
                     if constexpr (Learned) {
                         aa[k] += g_pre * drive[k];
                         av[k] -= g_x;
                     }
                 }
             }
+            if constexpr (SumOverTime) {
+                for (int64_t k = 0; k < len; ++k) store(grad_currents[n0 + k], g_sum[k]);
+            }
             if constexpr (Learned) {
                 for (int64_t k = 0; k < len; ++k) sum_a += aa[k], sum_v_th += av[k];
             }
         }
-    }
-    *grad_a = sum_a;
-    *grad_v_th = sum_v_th;
+    });
+    *grad_a = std::accumulate(sums_a.begin(), sums_a.end(), 0.0);
+    *grad_v_th = std::accumulate(sums_v_th.begin(), sums_v_th.end(), 0.0);
 }
 
 template <typename In, typename S>
-void backward_for(int kind, bool learned, const In* currents, int64_t step_stride, const In* grad, int64_t grad_stride,
-                  int64_t T, const Layout& g, In* grad_currents, const Constants<S>& c, double* grad_a,
-                  double* grad_v_th, int threads) {
-    auto run = [&](auto kind_tag, auto learned_tag) {
-        backward<decltype(kind_tag)::value, decltype(learned_tag)::value>(
+void backward_for(int kind, bool learned, bool sum_over_time, const In* currents, int64_t step_stride, const In* grad,
+                  int64_t grad_stride, int64_t T, const Layout& g, In* grad_currents, const Constants<S>& c,
+                  double* grad_a, double* grad_v_th, int threads) {
+    auto run = [&](auto kind_tag, auto learned_tag, auto sum_tag) {
+        backward<decltype(kind_tag)::value, decltype(learned_tag)::value, decltype(sum_tag)::value>(
             currents, step_stride, grad, grad_stride, T, g, grad_currents, c, grad_a, grad_v_th, threads);
     };
+    auto with_sum = [&](auto kind_tag, auto learned_tag) {
+        return sum_over_time ? run(kind_tag, learned_tag, std::true_type{})
+                             : run(kind_tag, learned_tag, std::false_type{});
+    };
     auto with_kind = [&](auto kind_tag) {
-        return learned ? run(kind_tag, std::true_type{}) : run(kind_tag, std::false_type{});
+        return learned ? with_sum(kind_tag, std::true_type{}) : with_sum(kind_tag, std::false_type{});
     };
     switch (kind) {
         case kSuper:
@@ -323,17 +373,18 @@ void lif_forward(int dtype, const void* currents, int64_t step_stride, int64_t T
     });
 }
 
-// The currents' gradient [T, N] (their dtype) from that of lif_forward's spikes (step t at grad + t·grad_stride); with
-// ``learned``, also d loss / d a into grad_a and d loss / d v_th into grad_v_th.
+// The currents' gradient [T, N] (their dtype), or its sum over the steps [N] if ``sum_over_time``, from that of
+// lif_forward's spikes (step t at grad + t·grad_stride); with ``learned``, also d loss / d a into grad_a and
+// d loss / d v_th into grad_v_th.
 void lif_backward(int dtype, const void* currents, int64_t step_stride, const void* grad, int64_t grad_stride,
-                  int64_t T, int64_t N, int64_t W, int64_t inner, int64_t pool, void* grad_currents, double a,
-                  double b, double v_leak, double v_th, double v_reset, double alpha, int surrogate_kind, int learned,
-                  double* grad_a, double* grad_v_th, int threads) {
+                  int64_t T, int64_t N, int64_t W, int64_t inner, int64_t pool, int sum_over_time,
+                  void* grad_currents, double a, double b, double v_leak, double v_th, double v_reset, double alpha,
+                  int surrogate_kind, int learned, double* grad_a, double* grad_v_th, int threads) {
     const Layout g{N, W, inner, pool};
     with_types(dtype, [&](auto in, auto state) {
         using In = decltype(in);
         using S = decltype(state);
-        backward_for(surrogate_kind, learned, static_cast<const In*>(currents), step_stride,
+        backward_for(surrogate_kind, learned, sum_over_time, static_cast<const In*>(currents), step_stride,
                      static_cast<const In*>(grad), grad_stride, T, g, static_cast<In*>(grad_currents),
                      constants<S>(a, b, v_leak, v_th, v_reset, alpha), grad_a, grad_v_th, threads);
     });

@@ -59,7 +59,7 @@ def library() -> ctypes.CDLL:
     lib = ctypes.CDLL(path)
     lib.lif_forward.argtypes = [_INT, _POINTER, *[_INT64] * 6, _POINTER, _POINTER, *[_DOUBLE] * 5, _INT]
     lib.lif_backward.argtypes = [
-        *[_INT, _POINTER, _INT64, _POINTER, *[_INT64] * 6, _POINTER],
+        *[_INT, _POINTER, _INT64, _POINTER, *[_INT64] * 6, _INT, _POINTER],
         *[_DOUBLE] * 6,
         *[_INT, _INT, ctypes.POINTER(_DOUBLE), ctypes.POINTER(_DOUBLE), _INT],
     ]
@@ -114,11 +114,13 @@ def backward(
     p: LIFParameters,
     learned: bool,
     pooling: Pooling = NO_POOLING,
+    sum_over_time: bool = False,
 ) -> tuple[torch.Tensor, float, float]:
-    """The gradient of the currents [T, N] in their dtype from that of ``forward``'s spikes (in that dtype, each step
-    dense in the same memory order as the currents'), and those of dt·τm⁻¹ and v_th (0.0 unless ``learned``)."""
+    """The gradient of the currents [T, N] in their dtype (with ``sum_over_time`` its sum over the steps, [N]: that of
+    a step repeated at every time step) from that of ``forward``'s spikes (in that dtype, each step dense in the same
+    memory order as the currents'), and those of dt·τm⁻¹ and v_th (0.0 unless ``learned``)."""
     T, N = len(steps), steps[0].numel()
-    grad_currents = torch.empty(T, N, dtype=steps.dtype)
+    grad_currents = torch.empty(N if sum_over_time else (T, N), dtype=steps.dtype)
     grad_a, grad_v_th = ctypes.c_double(), ctypes.c_double()
     library().lif_backward(
         DTYPES[steps.dtype],
@@ -131,6 +133,7 @@ def backward(
         pooling.width,
         pooling.inner,
         pooling.size,
+        sum_over_time,
         grad_currents.data_ptr(),
         *_rates(p),
         p.alpha,

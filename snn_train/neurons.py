@@ -234,14 +234,17 @@ class _CPULIFSequence(torch.autograd.Function):
     """All T LIF steps of CPU currents (and the max-pooling after them, if any) as lif_cpu's two kernels, one pass over
     memory each.
 
-    Saves only the currents: the backward kernel recomputes the voltages (and spikes) from them, so a time-invariant
-    input (stride 0 over T) keeps one step's worth of memory for backward, and a bfloat16 one two bytes per value.
+    Takes currents [T, B, ...], or with ``seq_length`` the step [B, ...] repeated at every one of that many time steps,
+    whose gradient, the sum over the steps, the backward kernel then makes itself. Saves only the currents: the backward
+    kernel recomputes the voltages (and spikes) from them, so a repeated step keeps one step's worth of memory for
+    backward, and a bfloat16 input two bytes per value.
     """
 
     @staticmethod
     def forward(
         ctx,
         currents: torch.Tensor,
+        seq_length: int | None,
         p: LIFParameters,
         record_voltage: bool,
         pool: int,
@@ -249,10 +252,11 @@ class _CPULIFSequence(torch.autograd.Function):
         v_th: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         p = _with_learned(p, tau_mem_inv, v_th)
-        order = _memory_order(currents[0])
-        spikes, voltages = _run_lif_cpu(currents, p, record_voltage, pool, order)
+        steps = currents if seq_length is None else currents.expand(seq_length, *currents.shape)
+        order = _memory_order(steps[0])
+        spikes, voltages = _run_lif_cpu(steps, p, record_voltage, pool, order)
         ctx.save_for_backward(currents)
-        ctx.p, ctx.pool, ctx.order = p, pool, order
+        ctx.seq_length, ctx.p, ctx.pool, ctx.order = seq_length, p, pool, order
         ctx.learned = tau_mem_inv is not None or v_th is not None
         ctx.learned_dtype = next((value.dtype for value in (tau_mem_inv, v_th) if value is not None), None)
         if voltages is not None:
@@ -262,15 +266,33 @@ class _CPULIFSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_spikes: torch.Tensor, _: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         (currents,) = ctx.saved_tensors
+        repeated = ctx.seq_length is not None
+        steps = currents.expand(ctx.seq_length, *currents.shape) if repeated else currents
         grad_steps = _dense_steps(grad_spikes.to(currents.dtype), ctx.order)
-        pooling = _pooling(currents.shape[1:], ctx.order, ctx.pool)
+        pooling = _pooling(steps.shape[1:], ctx.order, ctx.pool)
         grad_currents, grad_a, grad_v_th = lif_cpu.backward(
-            _dense_steps(currents, ctx.order), grad_steps, ctx.p, ctx.learned, pooling
+            _dense_steps(steps, ctx.order), grad_steps, ctx.p, ctx.learned, pooling, sum_over_time=repeated
         )
+        if repeated:  # one step, summed over time
+            grad_currents = _unflatten_steps(grad_currents[None], torch.Size([1, *currents.shape]), ctx.order)[0]
+        else:
+            grad_currents = _unflatten_steps(grad_currents, currents.shape, ctx.order)
         # d loss / d τm⁻¹ = dt · d loss / d(dt·τm⁻¹); a learned value that was not given (None) gets None back
         grads = [torch.tensor(value, dtype=ctx.learned_dtype) for value in (grad_a * ctx.p.dt, grad_v_th)]
-        learned_grads = [grad if needed else None for grad, needed in zip(grads, ctx.needs_input_grad[4:])]
-        return _unflatten_steps(grad_currents, currents.shape, ctx.order), None, None, None, *learned_grads
+        learned_grads = [grad if needed else None for grad, needed in zip(grads, ctx.needs_input_grad[5:])]
+        return grad_currents, None, None, None, None, *learned_grads
+
+
+def _repeated_step(currents: torch.Tensor) -> torch.Tensor | None:
+    """The step [B, ...] that ``currents`` [T, B, ...] repeats at every time step when it is an expanded view of it
+    (as the direct encoder's input convolved once gives): the layer then takes that step, and its gradient as one sum
+    over time made in the backward kernel rather than [T, B, ...] summed by expand's backward. None for anything else:
+    another layout, a leaf, a view of a larger tensor."""
+    step = currents._base
+    if currents.stride(0) != 0 or currents.grad_fn is None or step is None or not step.requires_grad:
+        return None
+    same = step.shape == currents.shape[1:] and step.stride() == currents.stride()[1:]
+    return step if same and step.data_ptr() == currents.data_ptr() else None
 
 
 def _with_learned(p: LIFParameters, tau_mem_inv: torch.Tensor | None, v_th: torch.Tensor | None) -> LIFParameters:
@@ -329,7 +351,10 @@ def _lif_cpu(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """lif_cpu's kernels: through autograd where gradients are needed, else the forward kernel alone."""
     if _needs_graph(currents, tau_mem_inv, v_th):
-        return _CPULIFSequence.apply(currents, p, record_voltage, pool, tau_mem_inv, v_th)
+        step = _repeated_step(currents)
+        if step is not None:
+            return _CPULIFSequence.apply(step, len(currents), p, record_voltage, pool, tau_mem_inv, v_th)
+        return _CPULIFSequence.apply(currents, None, p, record_voltage, pool, tau_mem_inv, v_th)
     return _run_lif_cpu(currents, _with_learned(p, tau_mem_inv, v_th), record_voltage, pool, _memory_order(currents[0]))
 
 

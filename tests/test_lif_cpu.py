@@ -60,6 +60,28 @@ def test_any_layout_and_thread_count_gives_the_step_loops_results(name: str, thr
         assert spikes.stride() == currents.stride()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pool", [1, 2])
+def test_a_step_repeated_over_time_gets_the_step_loops_gradient_summed_over_time(pool: int, dtype: torch.dtype) -> None:
+    """The convolved direct-encoder input: an expanded view, whose step the kernel takes and differentiates itself."""
+    torch.manual_seed(4)
+    step = torch.rand(3, 8, 6, 12).contiguous(memory_format=torch.channels_last).to(dtype).requires_grad_()
+    values = {"tau_mem_inv": torch.tensor(250.0, requires_grad=True), "v_th": torch.tensor(0.8, requires_grad=True)}
+    inputs = [step, *values.values()]
+    spikes = lif_sequence(step.expand(7, -1, -1, -1, -1), P, compiled=True, pool=pool, **values)[0]
+    upstream = torch.randn(spikes.shape).to(dtype)
+    grads = torch.autograd.grad(spikes, inputs, upstream)
+    wide = step.detach().float().requires_grad_()
+    wide_values = {name: value.detach().requires_grad_() for name, value in values.items()}
+    reference = max_pool_over_time(lif_sequence_reference(wide.expand(7, -1, -1, -1, -1), P, **wide_values)[0], pool)
+    reference_grads = torch.autograd.grad(reference, [wide, *wide_values.values()], upstream.float())
+    assert torch.equal(spikes.float(), reference) and 0 < reference.mean() < 1
+    assert grads[0].dtype == dtype and grads[0].shape == step.shape
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bfloat16: the sum over time rounded once, to 8 bits
+    for grad, reference_grad in zip(grads, reference_grads):
+        assert relative_error(grad, reference_grad) <= tolerance
+
+
 def saved_bytes(run) -> int:
     """Bytes of the distinct storages autograd keeps for the backward pass of what ``run()`` computes."""
     storages = {}
