@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -49,7 +50,9 @@ TAGS = ("Loss/train", "Accuracy/train", "LR", "SpikeRate/fc1", "Loss/val", "Accu
 
 def start(args: list[str], cwd: Path, kill_at: str | None = None) -> subprocess.Popen:
     command = [sys.executable, str(KILL_CHILD), kill_at, *args] if kill_at else ["snn-train", *args]
-    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # one thread: the validation course above (and so every kill point) must not depend on this machine's core count
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str]:
