@@ -1,5 +1,5 @@
-"""Run an ablation grid with snn-train and write a Markdown table: test accuracy, T, epochs, wall time, spikes per
-sample.
+"""Run an ablation grid with snn-train and write a Markdown table: best validation accuracy, test accuracy, T, epochs,
+wall time, spikes per sample.
 
 Each variant is a set of overrides applied on top of ``--base``; the base itself is the first row. Every variant runs
 once per seed, one after another (so wall times are comparable), each as its own ``snn-train`` process.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from summarize_sweep import job_row
 
-COLUMNS = ("variant", "test accuracy", "Δ vs base", "T", "epochs", "wall s", "spikes/sample", "seeds")
+COLUMNS = ("variant", "val accuracy", "test accuracy", "Δ vs base", "T", "epochs", "wall s", "spikes/sample", "seeds")
 
 
 def run(out: Path, name: str, overrides: list[str]) -> dict[str, object]:
@@ -41,15 +41,22 @@ def mean_accuracy(runs: list[dict[str, object]]) -> float:
     return statistics.mean(float(r["test_accuracy"]) for r in runs)
 
 
+def percentages(accuracies: list[float]) -> str:
+    """The mean accuracy in percent, and each seed's when there are several."""
+    seeds = f" ({', '.join(f'{100 * a:.2f}' for a in accuracies)})" if len(accuracies) > 1 else ""
+    return f"{100 * statistics.mean(accuracies):.2f} %{seeds}"
+
+
 def variant_row(variant: str, runs: list[dict[str, object]], base_accuracy: float | None) -> dict[str, str]:
-    """One table row: mean accuracy (and each seed's), its difference to the base, T, epochs, wall time, spikes."""
-    accuracies = [float(r["test_accuracy"]) for r in runs]
+    """One table row: mean best validation accuracy (empty without a validation split) and test accuracy (and each
+    seed's), the test accuracy's difference to the base, T, epochs, wall time, spikes."""
+    validated = all(r["val_accuracy"] != "" for r in runs)
     accuracy = mean_accuracy(runs)
     delta = "" if base_accuracy is None else f"{100 * (accuracy - base_accuracy):+.2f}"
     return {
         "variant": f"`{variant}`" if variant else "base",
-        "test accuracy": f"{100 * accuracy:.2f} %"
-        + (f" ({', '.join(f'{100 * a:.2f}' for a in accuracies)})" if len(runs) > 1 else ""),
+        "val accuracy": percentages([float(r["val_accuracy"]) for r in runs]) if validated else "",
+        "test accuracy": percentages([float(r["test_accuracy"]) for r in runs]),
         "Δ vs base": delta,
         "T": str(runs[0]["seq_length"]),
         "epochs": str(runs[0]["epochs"]),

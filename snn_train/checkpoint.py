@@ -1,7 +1,9 @@
 """Checkpoints: everything needed to continue a run exactly, the last two kept; the resume policy; atomic writes.
 
 A checkpoint holds the model, optimizer and scheduler states, the resolved config, the random states, and under
-``loop`` the training loop's own state (its position, running sums and history, which train.py defines).
+``loop`` the training loop's own state (its position, running sums and history, which progress.py defines). best.pt,
+the weights of the best validation, holds only the model, the config and under ``loop`` that validation: enough for
+snn-eval, not for resuming.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from snn_train.config import flat_config
 from snn_train.errors import CheckpointError, ConfigError, write_error
 from snn_train.schema import Config
 
-LAST, PREVIOUS = "last.pt", "previous.pt"
+LAST, PREVIOUS, BEST = "last.pt", "previous.pt", "best.pt"
 STATES = ("model", "optimizer", "scheduler", "config", "rng")  # a checkpoint's keys besides ``loop``
 REQUIRED = ("model", "config", "epoch", "step")  # what snn-eval needs (epoch and step in ``loop``)
 RESUMABLE = (
@@ -42,6 +44,8 @@ CHANGEABLE_ON_RESUME = (
     "train.eval_batch_size",
     "train.checkpoint_every_n_steps",
     "train.on_nan",
+    "train.early_stopping_patience",
+    "train.test_on",
     "train.precision",
     "train.compile",
     "model.kernel",
@@ -140,6 +144,13 @@ def save_checkpoint(
     write_atomically(folder / LAST, lambda f: torch.save(state, f), previous=folder / PREVIOUS)
 
 
+def save_best(folder: Path, model: nn.Module, cfg: Config | DictConfig, loop: dict[str, Any]) -> None:
+    """Write folder/best.pt atomically: the weights, the config, and under ``loop`` the validation that made them the
+    best (at least ``epoch`` and ``step``); CheckpointError if it fails."""
+    state = {"model": model.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True), "loop": loop}
+    write_atomically(folder / BEST, lambda f: torch.save(state, f))
+
+
 def _missing(state: Any, keys: tuple[str, ...]) -> list[str]:
     """Those of ``keys`` that ``state`` lacks, at its top level or (for the loop's) under ``loop``."""
     if not isinstance(state, dict):
@@ -167,13 +178,14 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return state
 
 
-def find_checkpoint(path: Path) -> Path:
-    """The checkpoint file given, or a run folder's newest: checkpoints/last.pt."""
-    file = path / "checkpoints" / LAST if path.is_dir() else path
+def find_checkpoint(path: Path, names: tuple[str, ...] = (LAST,)) -> Path:
+    """The checkpoint file given, or the first of ``names`` a run folder holds in checkpoints/ (by default its
+    newest, last.pt)."""
+    candidates = [path / "checkpoints" / name for name in names] if path.is_dir() else [path]
+    file = next((candidate for candidate in candidates if candidate.is_file()), candidates[-1])
     if not file.is_file():
-        raise CheckpointError(
-            f"no checkpoint at {file}; give a checkpoint file or a run folder holding checkpoints/{LAST}"
-        )
+        holding = " or ".join(f"checkpoints/{name}" for name in names)
+        raise CheckpointError(f"no checkpoint at {file}; give a checkpoint file or a run folder holding {holding}")
     return file
 
 

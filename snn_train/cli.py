@@ -14,6 +14,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
+from omegaconf import OmegaConf
 
 from snn_train import distributed
 from snn_train.app import run_app
@@ -28,7 +29,8 @@ from snn_train.train import fit
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def run(cfg: Config) -> float:
-    """Train the configured network; returns the final test accuracy (for sweepers that optimise it).
+    """Train the configured network; returns the best validation accuracy, or without a validation split
+    (data.val_size=0) the test accuracy, for sweepers that optimise it.
 
     Each process of a distributed run (torchrun, or a submitit job of several tasks) runs this in the same run folder.
     """
@@ -40,8 +42,8 @@ def run(cfg: Config) -> float:
         with distributed.process_group():
             if not distributed.is_main():
                 logging.getLogger().handlers.clear()  # rank 0 logs the run, to the console and cli.log
-            history = fit(cfg, Path(HydraConfig.get().runtime.output_dir))
-    return history[-1].test_accuracy
+            final = fit(cfg, Path(HydraConfig.get().runtime.output_dir)).final
+    return final.best_val_accuracy if final.best_val_accuracy is not None else final.test_accuracy
 
 
 def run_distributed() -> None:
@@ -63,7 +65,7 @@ def run_eval(cfg: EvalConfig) -> float:
     with reported("snn-eval"):
         validate_eval(cfg)
         cfg.checkpoint = to_absolute_path(cfg.checkpoint)
-        if cfg.data is not None:
+        if not OmegaConf.is_missing(cfg.data, "root"):
             cfg.data.root = to_absolute_path(cfg.data.root)
         report = evaluate_checkpoint(cfg)
     print(format_report(report))

@@ -26,6 +26,7 @@ from snn_train.task import DECODERS, OPTIMIZERS, PRECISIONS, SCHEDULERS, build_o
 
 CONFIG_MODULE = "snn_train.conf"
 ON_NAN = ("stop", "skip")  # train.on_nan: a non-finite loss stops the run, or its batch makes no update
+TEST_ON = ("best", "last")  # train.test_on: the weights of the best validation, or the last ones
 
 
 def compose(config_name: str, overrides: list[str] | None = None, return_hydra_config: bool = False) -> DictConfig:
@@ -201,16 +202,34 @@ def check_train(cfg: DictConfig) -> None:
     _check_positive(cfg, "train.checkpoint_every_n_steps", "e.g. train.checkpoint_every_n_steps=500")
     _check_choice(cfg, "train.on_nan", ON_NAN)
     _check_choice(cfg, "train.precision", PRECISIONS)
+    check_validation(cfg)
     for key in ("shift", "rotate", "scale"):
         _check(cfg.augment[key] >= 0, f"augment.{key} must be >= 0 (0 = off), got {cfg.augment[key]}")
     _check(cfg.augment.scale < 1, f"augment.scale is a relative zoom and must be < 1, got {cfg.augment.scale}")
     resolve_device(cfg.train.device)
 
 
+def check_validation(cfg: DictConfig) -> None:
+    """The validation split, early stopping and the weights tested (the split's size against the data set is checked
+    once it is loaded)."""
+    _check(cfg.data.val_size >= 0, f"data.val_size must be >= 0 (0 = no validation split), got {cfg.data.val_size}")
+    _check(0 <= cfg.data.split_seed < 2**63, f"data.split_seed must lie in 0..2**63-1, got {cfg.data.split_seed}")
+    patience = cfg.train.early_stopping_patience
+    if patience is not None:
+        _check_positive(cfg, "train.early_stopping_patience", "or train.early_stopping_patience=null to turn it off")
+        _check(
+            cfg.data.val_size > 0,
+            "train.early_stopping_patience needs a validation split; set data.val_size > 0 "
+            "or train.early_stopping_patience=null",
+        )
+    _check_choice(cfg, "train.test_on", TEST_ON)
+
+
 def check_log(cfg: DictConfig) -> None:
     """``log``: the logging intervals."""
     _check_positive(cfg, "log.every_n_steps", "e.g. log.every_n_steps=50")
     _check_positive(cfg, "log.histogram_every_n_steps", "e.g. log.histogram_every_n_steps=500")
+    _check_positive(cfg, "log.val_every_n_steps", "e.g. log.val_every_n_steps=500")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -228,13 +247,17 @@ def validate(cfg: DictConfig) -> None:
 
 def validate_eval(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first impossible value of an ``snn-eval`` config (configs/eval.yaml)."""
+    _resolve(cfg)
     no_checkpoint = "no checkpoint given; use snn-eval checkpoint=<checkpoint file or run directory>"
-    _check(not OmegaConf.is_missing(cfg, "checkpoint"), no_checkpoint)
+    _check(OmegaConf.select(cfg, "checkpoint") is not None, no_checkpoint)
     _check_positive(cfg, "batch_size", "e.g. batch_size=100")
-    if cfg.limit_batches is not None:
+    if OmegaConf.select(cfg, "limit_batches") is not None:
         _check_positive(cfg, "limit_batches", "or limit_batches=null for the whole test set")
-    _check(cfg.raster_samples >= 0, f"raster_samples must be >= 0, got {cfg.raster_samples}")
-    resolve_device(cfg.device, "device")
+    raster_samples = OmegaConf.select(cfg, "raster_samples")
+    _check(raster_samples is not None and raster_samples >= 0, f"raster_samples must be >= 0, got {raster_samples}")
+    if OmegaConf.select(cfg, "data.name") is not None:  # ??? (the checkpoint's) selects as None
+        _check_choice(cfg, "data.name", DATASETS)
+    resolve_device(OmegaConf.select(cfg, "device") or "", "device")
 
 
 def validate_export(cfg: DictConfig) -> None:

@@ -156,6 +156,33 @@ def load_split(data_cfg: DataConfig, train: bool, seq_length: int) -> Split:
     return DATASETS[data_cfg.name].load(data_cfg, train, seq_length)
 
 
+def stratified_counts(class_sizes: torch.Tensor, size: int) -> torch.Tensor:
+    """How many of each class a sample of ``size`` takes: each class's share ``size``·n_c/N rounded down, the
+    remainder going one each to the classes with the largest fractions (largest remainder), so the counts sum to
+    ``size`` and each is its share rounded down or up."""
+    total = int(class_sizes.sum())
+    counts = class_sizes * size // total
+    fractions = class_sizes * size - counts * total  # each share's fraction, times N
+    order = sorted(range(len(class_sizes)), key=lambda k: (-int(fractions[k]), k))
+    counts[order[: size - int(counts.sum())]] += 1
+    return counts
+
+
+def hold_out(split: Split, size: int, seed: int) -> tuple[Split, Split]:
+    """``split`` without a held-out part of ``size`` samples, and that part: every class in the proportion it has in
+    ``split`` (``stratified_counts``), its samples drawn at random from a generator seeded with ``seed`` alone. Both
+    parts keep the order they had in ``split``."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = split.labels.cpu()
+    class_sizes = torch.bincount(labels, minlength=NUM_CLASSES)
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    for label, count in enumerate(stratified_counts(class_sizes, size).tolist()):
+        members = (labels == label).nonzero().squeeze(1)
+        held[members[torch.randperm(len(members), generator=generator)[:count]]] = True
+    held = held.to(split.labels.device)
+    return Split(split.images[~held], split.labels[~held]), Split(split.images[held], split.labels[held])
+
+
 def batch_indices(
     n: int, batch_size: int, generator: torch.Generator | None, limit: int | None
 ) -> Iterator[torch.Tensor]:

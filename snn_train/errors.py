@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
 
+from omegaconf.errors import OmegaConfBaseException
+
 
 class UserError(Exception):
     """An error the user can fix; its message is one line saying what is wrong and what to change."""
@@ -54,13 +56,22 @@ def write_error(path: object, error: OSError) -> CheckpointError:
     return CheckpointError(f"cannot write {path} ({error.strerror or error})")
 
 
+def config_message(error: OmegaConfBaseException) -> str:
+    """An OmegaConf error's first line, after the key it names (when it names one)."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{error.full_key}: {message}" if getattr(error, "full_key", None) else message
+
+
 @contextmanager
 def reported(command: str) -> Iterator[None]:
-    """Inside a Hydra app: our errors as ``fail``'s one line; an interrupted run exits 128 + the signal's number."""
+    """Inside a Hydra app: our errors as ``fail``'s one line, and OmegaConf's (a key an override removed or forced in,
+    met after the checks); an interrupted run exits 128 + the signal's number."""
     try:
         yield
     except UserError as error:
         fail(command, str(error))
+    except OmegaConfBaseException as error:
+        fail(command, config_message(error))
     except Interrupted as stop:
         print(f"{command}: {stop}", file=sys.stderr)
         sys.exit(128 + stop.signum)

@@ -3,6 +3,8 @@ matrix, loss, spikes and synaptic operations summed over the split, and a traced
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +57,16 @@ class TestCounts:
         return sum(self.spikes.values()) / self.samples
 
 
+@contextmanager
+def random_states_kept(device: torch.device, seed: int | None = None) -> Iterator[None]:
+    """The random draws inside (an encoder's noise) leave torch's random states as they were, so training continues
+    the same however often it evaluates; with ``seed``, they are drawn from torch seeded with it."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
 def evaluate(
     model: ConvSNN,
@@ -63,28 +75,35 @@ def evaluate(
     decoder: str,
     batch_size: int,
     limit: int | None,
-    precision: str = "fp32",
+    precision: str,
+    seed: int,
 ) -> TestCounts:
     """Run the split (or its first ``limit`` batches) through the network in eval mode, every layer traced, each rank
-    taking its share of each batch; the counts are summed over the ranks."""
+    taking its share of each batch; the counts are summed over the ranks.
+
+    The encoder's noise is drawn from torch seeded with ``seed`` (train.seed), aside from the random states: the
+    figures depend on the weights alone (every validation sees the same input, snn-eval the training run's), and
+    training continues the same however often it evaluates.
+    """
     training, layers = model.training, model.lif_layer_names()
     model.eval()
     num_classes = model.readout_linear.out_features
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=split.labels.device)
     sums = torch.zeros(1 + 2 * len(layers), dtype=torch.float64, device=split.labels.device)  # loss, spikes, synops
     neurons: dict[str, int] = {}
-    for index in batch_indices(len(split), batch_size, None, limit):
-        encoded, labels = encoded_shard(encoder, split, index)
-        trace: dict[str, LayerTrace] = {}
-        with autocast(labels.device, precision):
-            logits = decode(model(encoded, trace, record_voltage=False), decoder)
-        confusion += confusion_matrix(labels, logits.argmax(1), num_classes)
-        sums[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
-        operations = model.synaptic_operations(trace)
-        for n, name in enumerate(layers):
-            sums[1 + n] += trace[name].spikes.sum(dtype=torch.float64)
-            sums[1 + len(layers) + n] += operations[name].sum(dtype=torch.float64)
-            neurons[name] = trace[name].spikes[0, 0].numel()
+    with random_states_kept(split.labels.device, seed):
+        for index in batch_indices(len(split), batch_size, None, limit):
+            encoded, labels = encoded_shard(encoder, split, index)
+            trace: dict[str, LayerTrace] = {}
+            with autocast(labels.device, precision):
+                logits = decode(model(encoded, trace, record_voltage=False), decoder)
+            confusion += confusion_matrix(labels, logits.argmax(1), num_classes)
+            sums[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
+            operations = model.synaptic_operations(trace)
+            for n, name in enumerate(layers):
+                sums[1 + n] += trace[name].spikes.sum(dtype=torch.float64)
+                sums[1 + len(layers) + n] += operations[name].sum(dtype=torch.float64)
+                neurons[name] = trace[name].spikes[0, 0].numel()
     model.train(training)
     distributed.sum_over_ranks(confusion)
     loss_sum, *per_layer = distributed.sum_over_ranks(sums).tolist()
@@ -101,9 +120,8 @@ def sample_forward(
 
     Their input is drawn aside from the random states: only rank 0 draws it, and every rank's states must stay equal.
     """
-    cuda = [split.labels.device] if split.labels.device.type == "cuda" else []
     training = model.training
-    with torch.random.fork_rng(devices=cuda):
+    with random_states_kept(split.labels.device):
         model.eval()
         encoded = encoder(split.encoder_input(slice(samples)))
         trace: dict[str, LayerTrace] = {}

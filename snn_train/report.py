@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from snn_train.checkpoint import find_checkpoint, load_checkpoint, write_atomically
+from snn_train.checkpoint import BEST, LAST, find_checkpoint, load_checkpoint, write_atomically
 from snn_train.config import check_encoder_for_data
 from snn_train.data import DATASETS, Split, load_split
 from snn_train.distributed import resolve_device
@@ -22,9 +22,20 @@ from snn_train.schema import Config, DataConfig, EvalConfig
 from snn_train.task import seed_everything
 from snn_train.tensorboard import RunLogger
 
+# Keys of a training config snn-eval has no use for, which a checkpoint written before they existed lacks: how the run
+# computed (snn-eval's choice), split off its validation set, validated, stopped and tested.
+NOT_FOR_EVAL = (
+    "model.kernel",
+    "data.val_size",
+    "data.split_seed",
+    "log.val_every_n_steps",
+    "train.early_stopping_patience",
+    "train.test_on",
+)
+
 
 def training_config(file: Path, checkpoint: dict[str, Any]) -> DictConfig:
-    """The config the checkpoint was trained with; one from an older snn-train that lacks a key the network needs is
+    """The config the checkpoint was trained with; one from an older snn-train that lacks a key snn-eval uses is
     refused."""
     saved = checkpoint["config"]
     schema = OmegaConf.structured(Config)
@@ -32,7 +43,7 @@ def training_config(file: Path, checkpoint: dict[str, Any]) -> DictConfig:
     if dataset is not None:
         schema.data = OmegaConf.structured(dataset.schema)  # an event data set's keys are more than DataConfig's
     train_cfg = OmegaConf.merge(schema, saved)
-    missing = sorted(set(OmegaConf.missing_keys(train_cfg)) - {"model.kernel"})  # how to compute: snn-eval's choice
+    missing = sorted(set(OmegaConf.missing_keys(train_cfg)) - set(NOT_FOR_EVAL))
     if missing:
         raise CheckpointError(
             f"{file}: its config lacks {', '.join(missing)} (written by an older snn-train, which can evaluate it)"
@@ -87,13 +98,19 @@ def report(
     }
 
 
+def test_data(chosen: DictConfig, trained_on: DataConfig) -> DictConfig:
+    """The data set to test: snn-eval's ``data`` keys where given, the checkpoint's own where missing (``???``)."""
+    given = {key: chosen[key] for key in chosen if not OmegaConf.is_missing(chosen, key)}
+    return OmegaConf.merge(trained_on, given)
+
+
 def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
-    """Evaluate ``cfg.checkpoint`` on its own test set (or ``cfg.data``'s); write eval.json beside it and return the
-    report."""
-    file = find_checkpoint(Path(cfg.checkpoint))
+    """Evaluate ``cfg.checkpoint`` (a run folder's best.pt, else its last.pt) on the test set of its own data or
+    ``cfg.data``'s; write eval.json beside it and return the report."""
+    file = find_checkpoint(Path(cfg.checkpoint), (BEST, LAST))
     checkpoint = load_checkpoint(file)
     train_cfg = training_config(file, checkpoint)
-    data_cfg = cfg.data if cfg.data is not None else train_cfg.data
+    data_cfg = test_data(cfg.data, train_cfg.data)
     device = resolve_device(cfg.device, "device")
     check_encoder_for_data(train_cfg.encoder.name, data_cfg.name)
     test_set = load_split(data_cfg, train=False, seq_length=train_cfg.seq_length)
@@ -101,7 +118,9 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     test_set = test_set.to(device)
     encoder = build_encoder(train_cfg.encoder, train_cfg.seq_length).to(device)
     seed_everything(train_cfg.train.seed)
-    counts = evaluate(model, encoder, test_set, train_cfg.decoder, cfg.batch_size, cfg.limit_batches)
+    counts = evaluate(
+        model, encoder, test_set, train_cfg.decoder, cfg.batch_size, cfg.limit_batches, "fp32", train_cfg.train.seed
+    )
     result = report(file, checkpoint, train_cfg, data_cfg, counts)
     text = json.dumps(result, indent=2)
     write_atomically(file.with_name("eval.json"), lambda f: f.write(text.encode()))

@@ -94,6 +94,8 @@ class DataConfig:
     name: str = MISSING
     root: str = MISSING
     download: bool = MISSING
+    val_size: int = MISSING
+    split_seed: int = MISSING
 
 
 @dataclass
@@ -136,6 +138,8 @@ class TrainConfig:
     compile: bool = MISSING
     checkpoint_every_n_steps: int = MISSING
     on_nan: str = MISSING
+    early_stopping_patience: int | None = MISSING
+    test_on: str = MISSING
     resume: str | None = MISSING
 
 
@@ -143,6 +147,7 @@ class TrainConfig:
 class LogConfig:
     every_n_steps: int = MISSING
     histogram_every_n_steps: int = MISSING
+    val_every_n_steps: int = MISSING
     progress_bar: bool = MISSING
 
 
@@ -165,7 +170,7 @@ class Config:
 @dataclass
 class EvalConfig:
     checkpoint: str = MISSING
-    data: DataConfig | None = MISSING
+    data: Any = MISSING  # name, root, download: each ??? takes the checkpoint's; data=<name> sets a data set's keys
     device: str = MISSING
     batch_size: int = MISSING
     limit_batches: int | None = MISSING

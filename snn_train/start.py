@@ -15,7 +15,7 @@ from torch import nn
 from snn_train import distributed
 from snn_train.allocator import keep_freed_memory
 from snn_train.checkpoint import check_writable, load_for_resume, restore
-from snn_train.data import Split, load_split
+from snn_train.data import Split, hold_out, load_split
 from snn_train.distributed import resolve_device
 from snn_train.encoders import build_encoder
 from snn_train.errors import ConfigError
@@ -35,6 +35,7 @@ class Run:
     cfg: Config
     run_dir: Path
     train_set: Split
+    val_set: Split | None  # held out from the training set (data.val_size); None without a validation split
     test_set: Split
     model: ConvSNN
     trained: nn.Module  # what the training steps call: the model, or its DistributedDataParallel wrapper
@@ -55,7 +56,8 @@ def start_run(cfg: Config, run_dir: Path) -> Run:
     if distributed.is_main() and bf16_emulated(device, cfg.train.precision):
         log.warning("train.precision=bf16: this CPU has no bfloat16 hardware, so it is emulated and slower than fp32")
     keep_freed_memory()
-    train_set = load_split(cfg.data, train=True, seq_length=cfg.seq_length).to(device)
+    train_set, val_set = training_splits(cfg, load_split(cfg.data, train=True, seq_length=cfg.seq_length))
+    train_set, val_set = train_set.to(device), val_set.to(device) if val_set is not None else None
     test_set = load_split(cfg.data, train=False, seq_length=cfg.seq_length).to(device)
     seed_everything(cfg.train.seed)
     data_order = torch.Generator().manual_seed(cfg.train.seed)
@@ -80,10 +82,11 @@ def start_run(cfg: Config, run_dir: Path) -> Run:
     purge_step = progress.step + 1 if resumed is not None else None
     logger = RunLogger(run_dir, purge_step=purge_step) if distributed.is_main() else None
     log.info(
-        "run dir %s, device %s, %d train / %d test samples, %d process(es)\n%s\n%s",
+        "run dir %s, device %s, %d train / %d validation / %d test samples, %d process(es)\n%s\n%s",
         run_dir,
         device,
         len(train_set),
+        len(val_set) if val_set is not None else 0,
         len(test_set),
         distributed.world_size(),
         encoder,
@@ -95,6 +98,7 @@ def start_run(cfg: Config, run_dir: Path) -> Run:
         cfg,
         run_dir,
         train_set,
+        val_set,
         test_set,
         model,
         trained,
@@ -106,3 +110,17 @@ def start_run(cfg: Config, run_dir: Path) -> Run:
         progress,
         started,
     )
+
+
+def training_splits(cfg: Config, train_set: Split) -> tuple[Split, Split | None]:
+    """The training split without the validation split (data.val_size images, data.split_seed), and that split; the
+    whole training split and None for data.val_size=0."""
+    size = cfg.data.val_size
+    if size == 0:
+        return train_set, None
+    if size >= len(train_set):
+        raise ConfigError(
+            f"data.val_size={size} must be smaller than the {cfg.data.name} training set ({len(train_set)} images); "
+            "use a smaller data.val_size, or 0 for no validation split"
+        )
+    return hold_out(train_set, size, cfg.data.split_seed)

@@ -18,6 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 from snn_train.config import flat_config
 from snn_train.errors import write_error
 from snn_train.model import LayerTrace
+from snn_train.progress import FinalMetrics
 from snn_train.schema import Config
 
 Method = TypeVar("Method", bound=Callable[..., Any])
@@ -100,24 +101,24 @@ class RunLogger:
             return
 
     @reported
-    def readout_traces(self, step: int, voltages: torch.Tensor, label: int) -> None:
-        """Readout voltages [T, classes] of one test sample, one line per class."""
+    def readout_traces(self, step: int, voltages: torch.Tensor, label: int, sample: str) -> None:
+        """Readout voltages [T, classes] of one ``sample`` (e.g. "test sample 0"), one line per class."""
         figure = Figure(figsize=(6, 3.5))
         axes = figure.subplots()
         for k, trace in enumerate(voltages.float().cpu().T):
             axes.plot(trace.numpy(), label=str(k), linewidth=2.5 if k == label else 1.0)
-        axes.set(xlabel="time step", ylabel="readout voltage", title=f"readout of test sample 0 (label {label})")
+        axes.set(xlabel="time step", ylabel="readout voltage", title=f"readout of {sample} (label {label})")
         axes.legend(ncol=5, fontsize="small")
         figure.tight_layout()
         self.writer.add_figure("Readout/voltage_traces", figure, step)
 
     @reported
-    def input_raster(self, step: int, encoded: torch.Tensor) -> None:
-        """Encoder output [T, ...] of one sample as an image: one row per input neuron, one column per step."""
+    def input_raster(self, step: int, encoded: torch.Tensor, sample: str) -> None:
+        """Encoder output [T, ...] of one ``sample`` as an image: one row per input neuron, one column per step."""
         figure = Figure(figsize=(4, 6))
         axes = figure.subplots()
         axes.imshow(encoded.float().flatten(1).T.cpu().numpy(), aspect="auto", cmap="gray_r", interpolation="nearest")
-        axes.set(xlabel="time step", ylabel="input neuron", title="input spikes of test sample 0")
+        axes.set(xlabel="time step", ylabel="input neuron", title=f"input spikes of {sample}")
         figure.tight_layout()
         self.writer.add_figure("Input/spike_raster", figure, step)
 
@@ -158,6 +159,15 @@ class RunLogger:
                 )
             figure.tight_layout()
             self.writer.add_figure(f"Eval/spike_raster/{name}", figure, step)
+
+    @reported
+    def test_result(self, final: FinalMetrics) -> None:
+        """The one test evaluation, at the step of the weights tested, and which weights those are."""
+        step = final.test_step
+        self.writer.add_scalar("Loss/test", final.test_loss, step)
+        self.writer.add_scalar("Accuracy/test", final.test_accuracy, step)
+        self.writer.add_scalar("Spikes/test_per_sample", final.test_spikes_per_sample, step)
+        self.writer.add_text("Test/weights", f"{final.test_on} (epoch {final.test_epoch}, step {step})", step)
 
     @reported
     def hparams(self, cfg: Config | DictConfig, metrics: dict[str, float]) -> None:

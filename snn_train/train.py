@@ -1,6 +1,8 @@
 """The training loop: from a validated config to metrics, checkpoints and event files, resumable at any step.
 
 The learning problem it runs (network, loss, optimizer, schedule) is task.py's; the evaluation, evaluation.py's.
+With a validation split, the loop validates every log.val_every_n_steps and at each epoch end, keeps the best weights
+in best.pt, may stop early, and evaluates the test set once, at the end; without one, it tests after every epoch.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -19,12 +21,12 @@ from torch import nn
 from tqdm import tqdm
 
 from snn_train import distributed
-from snn_train.checkpoint import LAST, save_checkpoint
-from snn_train.data import batch_indices
+from snn_train.checkpoint import BEST, LAST, load_checkpoint, save_best, save_checkpoint
+from snn_train.data import Split, batch_indices
 from snn_train.errors import Interrupted, TrainingError
-from snn_train.evaluation import evaluate, sample_forward
-from snn_train.model import LayerTrace
-from snn_train.progress import EpochMetrics, Progress, write_metrics
+from snn_train.evaluation import evaluate, random_states_kept, sample_forward
+from snn_train.model import ConvSNN, LayerTrace
+from snn_train.progress import EpochMetrics, Evaluation, FinalMetrics, Progress, write_metrics
 from snn_train.schema import Config
 from snn_train.start import Run, start_run
 from snn_train.task import autocast, decode, encoded_shard, objective
@@ -166,6 +168,11 @@ def train_epoch(run: Run, epoch: int, stop: list[int]) -> None:
         bar.update()
         if run.logger is not None:
             log_progress(run, run.logger, loss_sum, correct, epoch_start, bar)
+        if validation_due(run, len(batches)):
+            check_losses(run, unchecked, epoch)
+            validate(run)
+            if patience_spent(run):
+                break  # early stopping: the epoch ends here, and end_epoch checkpoints it
         signum = stop_signal(stop)
         # Not at the epoch's last batch: the epoch-end checkpoint follows, after events logged at this same step.
         if signum or (progress.step % cfg.train.checkpoint_every_n_steps == 0 and progress.batch < len(batches)):
@@ -210,64 +217,76 @@ def tally(progress: Progress, loss_sum: torch.Tensor, correct: torch.Tensor, epo
 
 
 def end_epoch(run: Run, epoch: int) -> None:
-    """Evaluate, log, record the epoch's metrics (resetting the running sums), checkpoint and write metrics.json."""
-    cfg, progress = run.cfg, run.progress
-    test = evaluate(
-        run.model,
-        run.encoder,
-        run.test_set,
-        cfg.decoder,
-        cfg.train.eval_batch_size,
-        cfg.train.limit_batches,
-        cfg.train.precision,
-    )
-    seen, step = progress.seen, progress.step
+    """Validate (unless done at this step) or, without a validation split, test; log, record the epoch's metrics
+    (resetting the running sums), checkpoint and write metrics.json."""
+    progress = run.progress
+    if run.val_set is None:
+        val, test = None, evaluation(run, run.model, run.test_set)
+    else:
+        if not progress.validations or progress.validations[-1].step != progress.step:
+            validate(run)
+        val, test = progress.validations[-1], None
+    seen = progress.seen
     metrics = EpochMetrics(
         epoch=epoch,
-        step=step,
+        step=progress.step,
         train_loss=progress.loss_sum / seen if seen else math.nan,
         train_accuracy=progress.correct / seen if seen else math.nan,
-        test_loss=test.loss,
-        test_accuracy=test.accuracy,
-        test_spikes_per_sample=test.spikes_per_sample,
+        **figures("val", val),
+        **figures("test", test),
         samples_per_s=seen / progress.epoch_s,
         wall_s=time.perf_counter() - run.started,
     )
     if run.logger is not None:
         log_epoch(run, run.logger, metrics)
-    run.progress = Progress(epoch, progress.batch, step, skipped=progress.skipped, history=[*progress.history, metrics])
+    run.progress = replace(progress, loss_sum=0.0, correct=0, seen=0, epoch_s=0.0, history=[*progress.history, metrics])
     save(run, run.data_order.get_state())
     if run.logger is not None:
-        write_metrics(run.run_dir / "metrics.json", run.progress.history)
+        write_metrics(run.run_dir / "metrics.json", run.progress)
+    shown = ("val", val) if val is not None else ("test", test)
     log.info(
-        "epoch %d: train loss %.4f acc %.4f | test loss %.4f acc %.4f, %.0f spikes/sample | %.0f samples/s",
+        "epoch %d: train loss %.4f acc %.4f | %s loss %.4f acc %.4f, %.0f spikes/sample | %.0f samples/s",
         epoch,
         metrics.train_loss,
         metrics.train_accuracy,
-        metrics.test_loss,
-        metrics.test_accuracy,
-        metrics.test_spikes_per_sample,
+        shown[0],
+        shown[1].loss,
+        shown[1].accuracy,
+        shown[1].spikes_per_sample,
         metrics.samples_per_s,
     )
 
 
+def figures(split: str, result: Evaluation | None) -> dict[str, float | None]:
+    """An evaluation's loss, accuracy and spikes per sample as EpochMetrics' ``<split>_*`` fields (None if there
+    was none)."""
+    return {
+        f"{split}_loss": result.loss if result is not None else None,
+        f"{split}_accuracy": result.accuracy if result is not None else None,
+        f"{split}_spikes_per_sample": result.spikes_per_sample if result is not None else None,
+    }
+
+
 def log_epoch(run: Run, logger: RunLogger, metrics: EpochMetrics) -> None:
-    """The epoch's train figures (unless logged at this step), test figures, and test sample 0's readout traces and
-    input raster, so epochs can be compared."""
+    """The epoch's train figures (unless logged at this step), test figures (without a validation split; validations
+    log their own), and sample 0's readout traces and input raster (of the validation split, else the test set), so
+    epochs can be compared."""
     step = metrics.step
     if step % run.cfg.log.every_n_steps != 0:
         logger.scalars(step, train_scalars(run, metrics.train_loss, metrics.train_accuracy))
-    logger.scalars(
-        step,
-        {
-            "Loss/test": metrics.test_loss,
-            "Accuracy/test": metrics.test_accuracy,
-            "Spikes/test_per_sample": metrics.test_spikes_per_sample,
-        },
-    )
-    encoded, voltages, _ = sample_forward(run.model, run.encoder, run.test_set, 1)
-    logger.readout_traces(step, voltages[:, 0], int(run.test_set.labels[0]))
-    logger.input_raster(step, encoded[:, 0])
+    if metrics.test_accuracy is not None:
+        logger.scalars(
+            step,
+            {
+                "Loss/test": metrics.test_loss,
+                "Accuracy/test": metrics.test_accuracy,
+                "Spikes/test_per_sample": metrics.test_spikes_per_sample,
+            },
+        )
+    name, split = ("validation", run.val_set) if run.val_set is not None else ("test", run.test_set)
+    encoded, voltages, _ = sample_forward(run.model, run.encoder, split, 1)
+    logger.readout_traces(step, voltages[:, 0], int(split.labels[0]), f"{name} sample 0")
+    logger.input_raster(step, encoded[:, 0], f"{name} sample 0")
 
 
 def train_scalars(run: Run, loss: float, accuracy: float) -> dict[str, float]:
@@ -275,40 +294,188 @@ def train_scalars(run: Run, loss: float, accuracy: float) -> dict[str, float]:
     return {"Loss/train": loss, "Accuracy/train": accuracy, "LR": run.optimizer.param_groups[0]["lr"]}
 
 
-def fit(cfg: Config, run_dir: Path) -> list[EpochMetrics]:
-    """Train ``cfg``'s network (or continue ``train.resume``'s run), evaluating after every epoch; returns
-    per-epoch metrics.
+def evaluation(run: Run, model: ConvSNN, split: Split) -> Evaluation:
+    """``model`` evaluated on ``split`` (at most train.limit_batches batches, each rank its shares), at this step."""
+    cfg, progress = run.cfg, run.progress
+    counts = evaluate(
+        model,
+        run.encoder,
+        split,
+        cfg.decoder,
+        cfg.train.eval_batch_size,
+        cfg.train.limit_batches,
+        cfg.train.precision,
+        cfg.train.seed,
+    )
+    return Evaluation(progress.epoch, progress.step, counts.loss, counts.accuracy, counts.spikes_per_sample)
+
+
+def validation_due(run: Run, batches: int) -> bool:
+    """Whether to validate after this step: every log.val_every_n_steps, except at the epoch's last batch (of
+    ``batches``), whose validation end_epoch does."""
+    progress = run.progress
+    return run.val_set is not None and progress.step % run.cfg.log.val_every_n_steps == 0 and progress.batch < batches
+
+
+def validate(run: Run) -> None:
+    """Evaluate the validation split; log it and write metrics.json; write best.pt if its accuracy is the best so far,
+    else count it towards early stopping."""
+    progress = run.progress
+    result = evaluation(run, run.model, run.val_set)
+    progress.validations.append(result)
+    if progress.best is None or result.accuracy > progress.best.accuracy:
+        progress.best, progress.stale = result, 0
+        if run.logger is not None:
+            save_best(run.run_dir / "checkpoints", run.model, run.cfg, asdict(result))
+        distributed.barrier()  # best.pt is on disk for every rank
+    else:
+        progress.stale += 1
+    if run.logger is not None:
+        run.logger.scalars(
+            result.step,
+            {
+                "Loss/val": result.loss,
+                "Accuracy/val": result.accuracy,
+                "Spikes/val_per_sample": result.spikes_per_sample,
+            },
+        )
+        write_metrics(run.run_dir / "metrics.json", progress)
+    best = progress.best
+    log.info(
+        "step %d: validation loss %.4f acc %.4f | best %.4f at step %d, %d validation(s) since",
+        result.step,
+        result.loss,
+        result.accuracy,
+        best.accuracy,
+        best.step,
+        progress.stale,
+    )
+
+
+def patience_spent(run: Run) -> bool:
+    """Whether early stopping ends the run: train.early_stopping_patience validations in a row brought no better
+    validation accuracy."""
+    patience = run.cfg.train.early_stopping_patience
+    return patience is not None and run.progress.stale >= patience
+
+
+def early_stop_reason(run: Run) -> str | None:
+    """Why the run stopped before train.epochs, or None if it did not stop early."""
+    if not patience_spent(run):
+        return None
+    best = run.progress.best
+    return (
+        f"no better validation accuracy in {run.progress.stale} validations "
+        f"(train.early_stopping_patience) since step {best.step}'s {best.accuracy:.4f}"
+    )
+
+
+def best_weights(run: Run) -> ConvSNN:
+    """A copy of the network holding best.pt's weights; every rank reads the file rank 0 wrote. Its initial weights
+    are drawn aside from the random states, which a finished run's checkpoint keeps for more epochs."""
+    device = run.test_set.labels.device
+    with random_states_kept(device):
+        model = ConvSNN.from_config(run.cfg.model, (1, *run.test_set.images.shape[1:])).to(device)
+    model.load_state_dict(load_checkpoint(run.run_dir / "checkpoints" / BEST, device)["model"])
+    return model
+
+
+def final_test(run: Run) -> None:
+    """The run's final figures into ``run.progress.final`` and metrics.json: the test set evaluated once, on the
+    weights train.test_on names, logged and checkpointed; without a validation split, the last epoch's test."""
+    cfg, progress = run.cfg, run.progress
+    if run.val_set is None:
+        last = progress.history[-1]
+        test = Evaluation(last.epoch, last.step, last.test_loss, last.test_accuracy, last.test_spikes_per_sample)
+        progress.final = final_metrics(run, "last", test, last.wall_s)
+    elif progress.final is None or progress.final.test_on != cfg.train.test_on:
+        best = cfg.train.test_on == "best"
+        test = evaluation(run, best_weights(run) if best else run.model, run.test_set)
+        tested = progress.best if best else test
+        test = replace(test, epoch=tested.epoch, step=tested.step)
+        progress.final = final_metrics(run, cfg.train.test_on, test, time.perf_counter() - run.started)
+        if run.logger is not None:
+            run.logger.test_result(progress.final)
+        save(run, run.data_order.get_state())
+    if run.logger is not None:
+        write_metrics(run.run_dir / "metrics.json", progress)
+
+
+def final_metrics(run: Run, weights: str, test: Evaluation, wall_s: float) -> FinalMetrics:
+    """The run's last epoch, best validation, early stop and ``test``, the evaluation of the ``weights`` tested."""
+    last, best = run.progress.history[-1], run.progress.best
+    return FinalMetrics(
+        epoch=last.epoch,
+        step=last.step,
+        train_loss=last.train_loss,
+        train_accuracy=last.train_accuracy,
+        samples_per_s=last.samples_per_s,
+        wall_s=wall_s,
+        best_val_accuracy=best.accuracy if best is not None else None,
+        best_val_loss=best.loss if best is not None else None,
+        best_epoch=best.epoch if best is not None else None,
+        best_step=best.step if best is not None else None,
+        stopped_early=early_stop_reason(run),
+        test_on=weights,
+        test_epoch=test.epoch,
+        test_step=test.step,
+        test_loss=test.loss,
+        test_accuracy=test.accuracy,
+        test_spikes_per_sample=test.spikes_per_sample,
+    )
+
+
+def fit(cfg: Config, run_dir: Path) -> Progress:
+    """Train ``cfg``'s network (or continue ``train.resume``'s run) and test it; returns where the run ends: its
+    epochs, validations, best validation and final figures (``final``).
 
     Raises TrainingError on a non-finite loss (train.on_nan=stop) and Interrupted after SIGINT/SIGTERM.
     """
     return complete(start_run(cfg, run_dir))
 
 
-def complete(run: Run) -> list[EpochMetrics]:
-    """Run ``run``'s remaining epochs (as ``fit``), leaving the trained model in ``run.model``."""
+def complete(run: Run) -> Progress:
+    """Run ``run``'s remaining epochs and the final test (as ``fit``), leaving the last weights in ``run.model``."""
     cfg = run.cfg
     try:
         with stop_requests() as stop:
             first = run.progress.epoch + (len(run.progress.history) == run.progress.epoch)  # the next one if finished
             for epoch in range(first, cfg.train.epochs + 1):
+                if patience_spent(run):
+                    break
+                run.progress.final = None  # training goes on: the test follows again at the end
                 train_epoch(run, epoch, stop)
                 end_epoch(run, epoch)
                 signum = stop_signal(stop)
                 if signum:  # it came during the evaluation: the epoch's checkpoint is written
                     raise interrupted(run, signum)
-        history = run.progress.history
+            final_test(run)
+        final = run.progress.final
         if run.logger is not None:
-            run.logger.hparams(
-                cfg, {"hparam/test_accuracy": history[-1].test_accuracy, "hparam/test_loss": history[-1].test_loss}
-            )
+            run.logger.hparams(cfg, hparam_metrics(final))
     finally:
         if run.logger is not None:
             run.logger.close()
-    log.info(
-        "final test accuracy %.4f (loss %.4f) after %d steps in %.1f s",
-        history[-1].test_accuracy,
-        history[-1].test_loss,
-        run.progress.step,
-        history[-1].wall_s,
+    if final.stopped_early is not None:
+        log.info("stopped early at step %d: %s", final.step, final.stopped_early)
+    tested = f"step {final.test_step}" + (
+        f", validation accuracy {final.best_val_accuracy:.4f}" if final.test_on == "best" else ""
     )
-    return history
+    log.info(
+        "final test accuracy %.4f (loss %.4f) of the %s weights (%s), after %d steps in %.1f s",
+        final.test_accuracy,
+        final.test_loss,
+        final.test_on,
+        tested,
+        final.step,
+        final.wall_s,
+    )
+    return run.progress
+
+
+def hparam_metrics(final: FinalMetrics) -> dict[str, float]:
+    """The HParams dashboard's metrics: the test figures, and the best validation accuracy if there is one."""
+    metrics = {"hparam/test_accuracy": final.test_accuracy, "hparam/test_loss": final.test_loss}
+    if final.best_val_accuracy is not None:
+        metrics["hparam/val_accuracy"] = final.best_val_accuracy
+    return metrics

@@ -48,10 +48,12 @@ def mnist_root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def tiny_overrides(mnist_root: Path) -> list[str]:
-    """A config small enough for a test: tiny data, T=4, small batches, eager kernels, no progress bar."""
+    """A config small enough for a test: tiny data without a validation split (tests test after each epoch, as
+    data.val_size=0 does; those of the split add one), T=4, small batches, eager kernels, no progress bar."""
     return [
         f"data.root={mnist_root}",
         "data.download=false",
+        "data.val_size=0",
         "seq_length=4",
         "train.batch_size=16",
         "train.eval_batch_size=24",

@@ -25,7 +25,7 @@ def ablation(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_ablation_table_reports_each_variants_metrics(tmp_path: Path, tiny_overrides: list[str]) -> None:
-    base = " ".join([*tiny_overrides, "train.limit_batches=2", "seq_length=4"])
+    base = " ".join([*tiny_overrides, "train.limit_batches=2", "seq_length=4", "data.val_size=20"])
     result = ablation(
         ["--out", "grid", "--base", base, "seq_length=3", "model.batch_norm=true train.epochs=2"], tmp_path
     )
@@ -38,11 +38,12 @@ def test_ablation_table_reports_each_variants_metrics(tmp_path: Path, tiny_overr
     for n, row in enumerate(rows):
         final = json.loads((tmp_path / "grid" / f"{n}_seed0" / "metrics.json").read_text())["final"]
         accuracies.append(final["test_accuracy"])
-        assert row[1] == f"{100 * final['test_accuracy']:.2f} %"
-        assert row[6] == f"{final['test_spikes_per_sample']:.0f}"
-        assert row[4] == str(final["epoch"])
-    assert [row[3] for row in rows] == ["4", "3", "4"] and [row[4] for row in rows] == ["1", "1", "2"]
-    assert rows[0][2] == "" and rows[1][2] == f"{100 * (accuracies[1] - accuracies[0]):+.2f}"
+        assert row[1] == f"{100 * final['best_val_accuracy']:.2f} %"
+        assert row[2] == f"{100 * final['test_accuracy']:.2f} %"
+        assert row[7] == f"{final['test_spikes_per_sample']:.0f}"
+        assert row[5] == str(final["epoch"])
+    assert [row[4] for row in rows] == ["4", "3", "4"] and [row[5] for row in rows] == ["1", "1", "2"]
+    assert rows[0][3] == "" and rows[1][3] == f"{100 * (accuracies[1] - accuracies[0]):+.2f}"
 
 
 def test_a_failing_variant_stops_the_grid_and_names_its_log(tmp_path: Path, tiny_overrides: list[str]) -> None:

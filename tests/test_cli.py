@@ -44,10 +44,16 @@ def test_training_run_writes_metrics_checkpoint_and_tensorboard(tmp_path: Path, 
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [epoch["epoch"] for epoch in metrics["epochs"]] == [1, 2]
-    assert metrics["final"] == metrics["epochs"][-1]
-    assert metrics["final"]["step"] == 6
-    assert 0.0 <= metrics["final"]["test_accuracy"] <= 1.0 and metrics["final"]["samples_per_s"] > 0
-    assert f"final test accuracy {metrics['final']['test_accuracy']:.4f}" in result.stdout + result.stderr
+    final, last = metrics["final"], metrics["epochs"][-1]
+    assert (final["test_accuracy"], final["test_loss"]) == (last["test_accuracy"], last["test_loss"])
+    assert (final["step"], final["test_on"], final["test_step"], final["best_val_accuracy"]) == (6, "last", 6, None)
+    assert metrics["validations"] == [] and last["val_accuracy"] is None
+    assert 0.0 <= final["test_accuracy"] <= 1.0 and final["samples_per_s"] > 0
+    log_lines = (run_dir / "cli.log").read_text().splitlines()
+    assert log_lines[-1].endswith(
+        f"final test accuracy {final['test_accuracy']:.4f} (loss {final['test_loss']:.4f}) of the last weights "
+        f"(step 6), after 6 steps in {final['wall_s']:.1f} s"
+    )
 
     checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert {"model", "optimizer", "scheduler", "loop", "config", "rng"} <= checkpoint.keys()
@@ -70,8 +76,10 @@ def test_training_run_writes_metrics_checkpoint_and_tensorboard(tmp_path: Path, 
     assert [s.step for s in events.Scalars("Loss/train")] == list(range(1, 7))
 
 
-def test_hparams_entry_carries_final_test_metrics(tmp_path: Path, tiny_overrides: list[str]) -> None:
-    result = snn_train([*tiny_overrides, "train.limit_batches=2", "optim.lr=0.004"], tmp_path)
+def test_hparams_entry_carries_the_best_validation_and_the_test_metrics(
+    tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    result = snn_train([*tiny_overrides, "train.limit_batches=2", "optim.lr=0.004", "data.val_size=20"], tmp_path)
     assert result.returncode == 0, result.stderr
     (run_dir,) = run_dirs(tmp_path / "outputs")
     found = {}
@@ -85,10 +93,22 @@ def test_hparams_entry_carries_final_test_metrics(tmp_path: Path, tiny_overrides
     assert found["model.surrogate"].string_value == "super"
     metrics = json.loads((run_dir / "metrics.json").read_text())["final"]
     assert events.Scalars("hparam/test_accuracy")[0].value == pytest.approx(metrics["test_accuracy"])
+    assert events.Scalars("hparam/val_accuracy")[0].value == pytest.approx(metrics["best_val_accuracy"])
+    assert events.Tensors("Test/weights/text_summary")[0].tensor_proto.string_val[0].decode() == (
+        f"best (epoch 1, step {metrics['best_step']})"
+    )
 
 
 def test_two_job_sweep_runs_each_job_in_its_own_folder(tmp_path: Path, tiny_overrides: list[str]) -> None:
-    result = snn_train(["-m", *tiny_overrides, "train.limit_batches=1", "model=super,tanh"], tmp_path)
+    sweep = [
+        "-m",
+        *tiny_overrides,
+        "train.limit_batches=2",
+        "data.val_size=20",
+        "encoder.input_scale=5",
+        "decoder=mean",
+    ]
+    result = snn_train([*sweep, "model=super,tanh"], tmp_path)
     assert result.returncode == 0, result.stderr
     jobs = run_dirs(tmp_path / "outputs" / "multirun")
     assert [job.name for job in jobs] == ["0", "1"]
@@ -102,10 +122,15 @@ def test_two_job_sweep_runs_each_job_in_its_own_folder(tmp_path: Path, tiny_over
         check=True,
     )
     header, *rows = summary.stdout.splitlines()
-    assert header.startswith("overrides,seq_length,epochs,steps,test_accuracy")
+    assert header.startswith("overrides,seq_length,epochs,steps,val_accuracy,val_loss,test_accuracy,test_loss,test_on")
     assert sorted("model=super" in row for row in rows) == [False, True]
-    accuracies = [float(row.split(",")[4]) for row in rows]
-    assert accuracies == sorted(accuracies, reverse=True)
+    # The rows: sorted by the best validation accuracy, each with its job's figures.
+    finals = [json.loads((job / "metrics.json").read_text())["final"] for job in jobs]
+    cells = [(float(c[4]), float(c[6]), c[8]) for c in (row.split(",") for row in rows)]
+    assert [c[0] for c in cells] == sorted((c[0] for c in cells), reverse=True)
+    assert sorted(cells) == sorted(
+        (round(f["best_val_accuracy"], 4), round(f["test_accuracy"], 4), "best") for f in finals
+    )
 
 
 def test_runs_started_together_get_separate_folders(tmp_path: Path, tiny_overrides: list[str]) -> None:
@@ -141,6 +166,10 @@ def test_python_dash_m_runs_the_same_application(tmp_path: Path, tiny_overrides:
         ("model.lif.v_th=-0.5", "model.lif.v_th (-0.5) must be above model.lif.v_reset (0.0)"),
         ("model.lif.tau_syn_inv=0", "model.lif.tau_syn_inv must be > 0"),
         ("train.device=gpu", "train.device=gpu is not a device"),
+        ("data.val_size=96", "data.val_size=96 must be smaller than the mnist training set (96 images)"),
+        ("train.early_stopping_patience=2", "train.early_stopping_patience needs a validation split"),
+        ("train.test_on=first", "train.test_on=first is not one of best, last"),
+        ("~warmup_epochs", "warmup_epochs: Key 'warmup_epochs' not in 'Config'"),
     ],
 )
 def test_bad_input_gives_a_message_and_no_traceback(

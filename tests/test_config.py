@@ -111,6 +111,12 @@ def test_decoders_reduce_over_time() -> None:
         ("augment.rotate=-5", "augment.rotate must be >= 0 (0 = off), got -5"),
         ("augment.scale=-0.1", "augment.scale must be >= 0 (0 = off), got -0.1"),
         ("augment.scale=1", "augment.scale is a relative zoom and must be < 1, got 1"),
+        ("data.val_size=-1", "data.val_size must be >= 0 (0 = no validation split), got -1"),
+        ("data.split_seed=-1", "data.split_seed must lie in 0..2**63-1, got -1"),
+        ("log.val_every_n_steps=0", "log.val_every_n_steps must be > 0"),
+        ("train.early_stopping_patience=0", "train.early_stopping_patience must be > 0"),
+        ("data.val_size=0 train.early_stopping_patience=3", "train.early_stopping_patience needs a validation split"),
+        ("train.test_on=middle", "train.test_on=middle is not one of best, last"),
         (
             "model.learn_tau_mem=true model.lif.dt=0.001 model.lif.tau_mem_inv=1000",
             "model.learn_tau_mem needs model.lif.dt·tau_mem_inv < 1",

@@ -27,8 +27,11 @@ LIF = LIFParameters(
     tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, v_th=1.0, v_reset=0.0, dt=1e-3, surrogate="super", alpha=10.0
 )
 LI = LIParameters(tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, dt=1e-3)
-# Spiking from the first step (input_scale 5) and trained a few steps, so every layer's statistics are non-trivial.
+# Spiking from the first step (input_scale 5) and trained a few steps, so every layer's statistics are non-trivial;
+# validated after every step, so best.pt holds one of them.
 TRAINING = [
+    "data.val_size=20",
+    "log.val_every_n_steps=1",
     "seq_length=4",
     "train.batch_size=16",
     "train.limit_batches=3",
@@ -47,7 +50,7 @@ def eval_config(overrides: list[str]):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run trained for three steps on tiny data (48 test images)."""
+    """A run trained for three steps on tiny data (20 validation, 48 test images), tested on its best weights."""
     root = make_mnist(tmp_path_factory.mktemp("data"))
     run = tmp_path_factory.mktemp("run")
     fit(load_config([*TRAINING, f"data.root={root}"]), run)
@@ -95,18 +98,20 @@ def test_synaptic_operations_match_a_hand_count() -> None:
 def test_report_matches_the_training_run_and_a_whole_set_forward_pass(run_dir: Path) -> None:
     report = evaluate_checkpoint(eval_config([f"checkpoint={run_dir}", "batch_size=10"]))
     final = json.loads((run_dir / "metrics.json").read_text())["final"]
+    assert report["checkpoint"] == str(run_dir / "checkpoints" / "best.pt")  # a run folder means its best weights
+    assert final["test_on"] == "best" and final["test_step"] == final["best_step"]
     assert report["accuracy"] == pytest.approx(final["test_accuracy"])
     assert report["loss"] == pytest.approx(final["test_loss"], rel=1e-5)
     assert report["samples"] == 48 and sum(map(sum, report["confusion_matrix"])) == 48
     assert (report["epoch"], report["step"], report["time_steps"], report["latency_s"]) == (
         1,
-        3,
+        final["best_step"],
         4,
         pytest.approx(4e-3),
     )
 
     # Independently: the checkpoint's network on all 48 test images in one batch.
-    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "best.pt")
     cfg = load_config([*TRAINING, f"data.root={report['data']['root']}"])
     net = ConvSNN.from_config(cfg.model, (1, 28, 28))
     net.load_state_dict(checkpoint["model"])
@@ -163,6 +168,72 @@ def test_snn_eval_prints_the_report_and_writes_tensorboard_images(run_dir: Path,
     }
 
 
+def test_the_checkpoints_own_data_set_in_another_folder(run_dir: Path, tmp_path: Path, capsys) -> None:
+    elsewhere = make_mnist(tmp_path / "elsewhere")  # the same data set, in a folder the run never saw
+    accuracy = run_eval(eval_config([f"checkpoint={run_dir}", f"data.root={elsewhere}"]))
+    report = json.loads((run_dir / "checkpoints" / "eval.json").read_text())
+    assert report["data"] == {"name": "mnist", "root": str(elsewhere), "split": "test"}
+    assert (
+        accuracy
+        == report["accuracy"]
+        == pytest.approx(json.loads((run_dir / "metrics.json").read_text())["final"]["test_accuracy"])
+    )
+    assert f"mnist test set in {elsewhere}, 48 samples" in capsys.readouterr().out
+
+
+def test_a_run_folder_without_best_pt_means_its_last_pt(tmp_path: Path) -> None:
+    root = make_mnist(tmp_path / "data")
+    fit(load_config([*TRAINING, f"data.root={root}", "data.val_size=0"]), tmp_path / "run")
+    report = evaluate_checkpoint(eval_config([f"checkpoint={tmp_path / 'run'}"]))
+    assert report["checkpoint"] == str(tmp_path / "run" / "checkpoints" / "last.pt") and report["step"] == 3
+
+
+@pytest.mark.slow
+def test_snn_eval_as_a_new_user_types_it_finds_the_data_in_another_folder(run_dir: Path, tmp_path: Path) -> None:
+    make_mnist(tmp_path / "downloads")
+    result = subprocess.run(
+        ["snn-eval", f"checkpoint={run_dir}", "data.root=downloads", "device=cpu"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"checkpoint   {run_dir / 'checkpoints' / 'best.pt'}" in result.stdout
+    assert f"mnist test set in {tmp_path / 'downloads'}, 48 samples" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["~checkpoint"], "no checkpoint given"),
+        (["checkpoint.x=1"], "Error merging override checkpoint.x=1"),
+        (["data.roott=x"], "Could not override 'data.roott'"),
+        (["++data.x=1"], "data.x: Key 'x' not in 'DataConfig'"),
+        (["data.name=emnist"], "data.name=emnist is not one of mnist, fashion_mnist, kmnist"),
+        (["data=emnist"], "Could not find 'data/emnist'"),
+        (["batch_size=${oops}"], "batch_size: Interpolation key 'oops' not found"),
+        (["~tensorboard"], "tensorboard: Key 'tensorboard' not in 'EvalConfig'"),
+        (["data.download=maybe"], "Value 'maybe' is not a valid bool"),
+        (["limit_batches=0"], "limit_batches must be > 0"),
+    ],
+)
+def test_every_snn_eval_input_error_is_one_line_and_exit_2(
+    run_dir: Path, tmp_path: Path, overrides: list[str], message: str
+) -> None:
+    result = subprocess.run(
+        ["snn-eval", f"checkpoint={run_dir}", "device=cpu", *overrides],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("snn-eval: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
+
+
 def truncate(file: Path) -> None:
     file.write_bytes(file.read_bytes()[:1000])
 
@@ -211,7 +282,7 @@ def test_a_checkpoint_from_before_model_kernel_is_evaluated_as_one_that_has_it(r
     del checkpoint["config"]["model"]["kernel"]
     torch.save(checkpoint, file)
     report = evaluate_checkpoint(eval_config([f"checkpoint={file}", "batch_size=10"]))
-    original = evaluate_checkpoint(eval_config([f"checkpoint={run_dir}", "batch_size=10"]))
+    original = evaluate_checkpoint(eval_config([f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", "batch_size=10"]))
     assert report["accuracy"] == original["accuracy"] and report["loss"] == original["loss"]
     assert report["spikes_per_sample"] == original["spikes_per_sample"] > 0
 

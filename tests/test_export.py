@@ -54,6 +54,7 @@ NETWORKS = {
 }
 # Run to a checkpoint and exported by the command: batch norm and learned τ/θ together, spiking from the first step.
 TRAINING = [
+    "data.val_size=0",
     "seq_length=8",
     "optim.lr=5e-3",
     "train.batch_size=16",

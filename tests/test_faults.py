@@ -46,13 +46,24 @@ def test_a_nan_loss_found_later_still_names_its_step_and_nothing_after_it_is_sav
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_a_nan_loss_stops_the_run_before_the_validation_after_it(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    rare = ["train.checkpoint_every_n_steps=100", "log.every_n_steps=100", "log.histogram_every_n_steps=100"]
+    validating = ["data.val_size=16", "log.val_every_n_steps=1"]
+    cfg = load_config([*tiny_overrides, *EXPLODING, *rare, *validating, "train.limit_batches=6"])
+    with pytest.raises(TrainingError, match=re.escape("loss is nan at step 3 (epoch 1, batch 3); stopped")):
+        fit(cfg, tmp_path)
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [scalar.step for scalar in events.Scalars("Loss/val")] == [1, 2]
+
+
 def test_on_nan_skip_drops_the_updates_of_non_finite_batches_and_counts_them(
     tmp_path: Path, tiny_overrides: list[str]
 ) -> None:
-    two_steps = fit(load_config([*tiny_overrides, *EXPLODING, "train.limit_batches=2"]), tmp_path / "two")
+    two_steps = fit(load_config([*tiny_overrides, *EXPLODING, "train.limit_batches=2"]), tmp_path / "two").history
     skipping = fit(
         load_config([*tiny_overrides, *EXPLODING, "train.limit_batches=4", "train.on_nan=skip"]), tmp_path / "skip"
-    )
+    ).history
     events = EventAccumulator(str(tmp_path / "skip"))
     events.Reload()
     assert [(s.step, s.value) for s in events.Scalars("NaN/skipped_batches")] == [(3, 1.0), (4, 2.0)]
@@ -94,10 +105,11 @@ def trained(tmp_path: Path, tiny_overrides: list[str]) -> Path:
 
 
 def resume(overrides: list[str], run_dir: Path, *changes: str, source: Path | None = None) -> list:
-    """Continue the run in ``run_dir`` from ``source`` (default: the run folder itself), as snn-train would."""
+    """Continue the run in ``run_dir`` from ``source`` (default: the run folder itself), as snn-train would; returns
+    its epochs' metrics."""
     return fit(
         load_config([*overrides, "train.limit_batches=2", f"train.resume={source or run_dir}", *changes]), run_dir
-    )
+    ).history
 
 
 @pytest.mark.parametrize(

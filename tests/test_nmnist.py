@@ -257,7 +257,14 @@ def test_mismatched_encoders_and_impossible_binnings_are_refused(overrides: list
         load_config(overrides)
 
 
-SMALL = ["seq_length=4", "train.batch_size=8", "train.eval_batch_size=10", "train.device=cpu", "train.compile=false"]
+SMALL = [
+    "data.val_size=0",
+    "seq_length=4",
+    "train.batch_size=8",
+    "train.eval_batch_size=10",
+    "train.device=cpu",
+    "train.compile=false",
+]
 
 
 def snn(command: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:

@@ -48,20 +48,29 @@ def test_same_seed_and_config_give_the_same_losses_step_for_step(tmp_path: Path,
 
 def test_training_learns_a_simple_task(tmp_path: Path, tiny_overrides: list[str]) -> None:
     cfg = load_config([*tiny_overrides, *LEARNING, "train.epochs=3", "log.every_n_steps=100"])
-    history = fit(cfg, tmp_path)
+    history = fit(cfg, tmp_path).history
     assert history[-1].test_accuracy >= 0.9
     assert history[-1].train_loss < 0.5 * history[0].train_loss
 
 
-def test_hydra_main_returns_the_final_test_accuracy(tmp_path: Path, tiny_overrides: list[str]) -> None:
-    cfg = compose("config", [*tiny_overrides, "train.limit_batches=2"], return_hydra_config=True)
+@pytest.mark.parametrize("val_size", [0, 20])
+def test_hydra_main_returns_the_best_validation_accuracy_or_without_a_split_the_test_accuracy(
+    tmp_path: Path, tiny_overrides: list[str], val_size: int
+) -> None:
+    overrides = [*tiny_overrides, *LEARNING, "train.limit_batches=3", f"data.val_size={val_size}"]
+    cfg = compose("config", [*overrides, "log.val_every_n_steps=1"], return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(tmp_path)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
-    accuracy = run(cfg)
-    assert accuracy == json.loads((tmp_path / "metrics.json").read_text())["final"]["test_accuracy"]
+    returned = run(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    if val_size:
+        assert returned == max(v["accuracy"] for v in metrics["validations"]) == metrics["final"]["best_val_accuracy"]
+        assert len(metrics["validations"]) == 3 and returned != metrics["final"]["test_accuracy"]
+    else:
+        assert returned == metrics["final"]["test_accuracy"] == metrics["epochs"][-1]["test_accuracy"]
 
 
 def test_network_from_plain_arguments_backpropagates_per_time_step_gradients() -> None:
@@ -101,8 +110,8 @@ def test_too_small_an_image_is_refused_with_a_reason() -> None:
 
 def test_bf16_training_learns_as_fp32_does(tmp_path: Path, tiny_overrides: list[str]) -> None:
     overrides = [*tiny_overrides, *LEARNING, "train.epochs=3", "log.every_n_steps=100"]
-    fp32 = fit(load_config(overrides), tmp_path / "fp32")
-    bf16 = fit(load_config([*overrides, "train.precision=bf16"]), tmp_path / "bf16")
+    fp32 = fit(load_config(overrides), tmp_path / "fp32").history
+    bf16 = fit(load_config([*overrides, "train.precision=bf16"]), tmp_path / "bf16").history
     assert bf16[-1].test_accuracy >= 0.9
     assert abs(bf16[-1].train_loss - fp32[-1].train_loss) < 0.25 * fp32[0].train_loss
     assert bf16[-1].train_loss != fp32[-1].train_loss
