@@ -37,14 +37,16 @@ def show(value: Any) -> str:
     return text.replace("$", "$$")  # Hydra fills the template with string.Template, where $ is special
 
 
-def groups_help(added: ListConfig, _root_: DictConfig) -> str:
-    """The config groups of the command's defaults list, then ``added`` (the ``+group=`` ones), with their options.
+def groups_help(added: ListConfig, hidden: ListConfig, _root_: DictConfig) -> str:
+    """The config groups of the command's defaults list but ``hidden``, then ``added`` (the ``+group=`` ones), with
+    their options.
 
     A group nested in another's folder (``model/network``) is a building block of that group's options, and the
-    schema groups are never chosen, so neither is listed; Hydra's own groups are ``--hydra-help``'s.
+    schema groups are never chosen, so neither is listed; Hydra's own groups are ``--hydra-help``'s. ``hidden`` are
+    groups in the defaults list only so that another group's options compose (snn-eval's ``encoder``).
     """
     choices = _root_.hydra.runtime.choices
-    names = sorted(group for group in choices if "/" not in group and group not in added)
+    names = sorted(group for group in choices if "/" not in group and group not in (*added, *hidden))
     rows = [(group, group) for group in names] + [(group, f"+{group}") for group in added]
     loader = GlobalHydra.instance().config_loader()
     width = max((len(label) for _, label in rows), default=0) + 2
@@ -56,9 +58,9 @@ def groups_help(added: ListConfig, _root_: DictConfig) -> str:
     return "\n".join(lines)
 
 
-def keys_help(most_used: ListConfig, _root_: DictConfig) -> str:
-    """``most_used`` keys with their values in this composition, then the names of all other keys."""
-    flat = app_keys(_root_)
+def keys_help(most_used: ListConfig, hidden: ListConfig, _root_: DictConfig) -> str:
+    """``most_used`` keys with their values in this composition, then the names of all other keys but ``hidden``."""
+    flat = {key: value for key, value in app_keys(_root_).items() if key.split(".")[0] not in hidden}
     lines = ["Most used keys (key=default, after the overrides given; ??? = required):"]
     listed: set[str] = set()
     for name in most_used:

@@ -27,23 +27,39 @@ def ablation(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_ablation_table_reports_each_variants_metrics(tmp_path: Path, tiny_overrides: list[str]) -> None:
     base = " ".join([*tiny_overrides, "train.limit_batches=2", "seq_length=4", "data.val_size=20"])
     result = ablation(
-        ["--out", "grid", "--base", base, "seq_length=3", "model.batch_norm=true train.epochs=2"], tmp_path
+        ["--out", "grid", "--test", "--base", base, "seq_length=3", "model.batch_norm=true train.epochs=2"], tmp_path
     )
     assert result.returncode == 0, result.stderr
     table = (tmp_path / "grid" / "ablation.md").read_text()
     assert result.stdout == table
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row[0] for row in rows] == ["| base", "| `seq_length=3`", "| `model.batch_norm=true train.epochs=2`"]
-    accuracies = []
+    validation = []
     for n, row in enumerate(rows):
         final = json.loads((tmp_path / "grid" / f"{n}_seed0" / "metrics.json").read_text())["final"]
-        accuracies.append(final["test_accuracy"])
+        validation.append(final["best_val_accuracy"])
         assert row[1] == f"{100 * final['best_val_accuracy']:.2f} %"
         assert row[2] == f"{100 * final['test_accuracy']:.2f} %"
         assert row[7] == f"{final['test_spikes_per_sample']:.0f}"
         assert row[5] == str(final["epoch"])
     assert [row[4] for row in rows] == ["4", "3", "4"] and [row[5] for row in rows] == ["1", "1", "2"]
-    assert rows[0][3] == "" and rows[1][3] == f"{100 * (accuracies[1] - accuracies[0]):+.2f}"
+    assert rows[0][3] == "" and rows[1][3] == f"{100 * (validation[1] - validation[0]):+.2f}"  # chosen on validation
+
+
+def test_seeds_are_averaged_and_the_test_stays_out_unless_asked(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    base = " ".join([*tiny_overrides, "train.limit_batches=2", "data.val_size=20"])
+    result = ablation(["--out", "grid", "--seeds", "0", "1", "--base", base], tmp_path)
+    assert result.returncode == 0, result.stderr
+    header, _, row = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    assert "test" not in header
+    accuracies = [
+        json.loads((tmp_path / "grid" / f"0_seed{seed}" / "metrics.json").read_text())["final"]["best_val_accuracy"]
+        for seed in (0, 1)
+    ]
+    mean, spread = 50 * sum(accuracies), 50 * abs(accuracies[0] - accuracies[1])
+    each = ", ".join(f"{100 * a:.2f}" for a in accuracies)
+    assert row.split(" | ")[1] == f"{mean:.2f} ± {spread:.2f} % ({each})"
+    assert row.endswith(" | 2 |")
 
 
 def test_a_failing_variant_stops_the_grid_and_names_its_log(tmp_path: Path, tiny_overrides: list[str]) -> None:

@@ -52,7 +52,7 @@ def make_nmnist(root: Path, n_train: int = 40, n_test: int = 20) -> Path:
 
 
 def nmnist_config(root: Path, *overrides: str):
-    return load_config(["data=nmnist", "encoder=events", f"data.root={root}", "data.download=false", *overrides])
+    return load_config(["data=nmnist", f"data.root={root}", "data.download=false", *overrides])
 
 
 def test_written_events_read_back_through_tonic(tmp_path: Path) -> None:
@@ -244,12 +244,12 @@ def test_missing_data_without_download_says_where_to_put_it(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["data=nmnist"], "data=nmnist holds event frames, which encoder=direct cannot take (it encodes images); use"),
+        (["data=nmnist", "encoder=direct"], "data=nmnist holds event frames, which encoder=direct cannot take (it encodes"),
         (["data=nmnist", "encoder=poisson"], "data=nmnist holds event frames, which encoder=poisson cannot take"),
         (["encoder=events"], "encoder=events takes event frames, but data=mnist holds images"),
-        (["data=nmnist", "encoder=events", "augment.shift=2"], "augment.* transforms images; data=nmnist holds event"),
-        (["data=nmnist", "encoder=events", "data.time_window_ms=0"], "data.time_window_ms must be at least 0.001"),
-        (["data=nmnist", "encoder=events", "data.time_window_ms=-5"], "data.time_window_ms must be at least 0.001"),
+        (["data=nmnist", "augment.shift=2"], "augment.* transforms images; data=nmnist holds event"),
+        (["data=nmnist", "data.time_window_ms=0"], "data.time_window_ms must be at least 0.001"),
+        (["data=nmnist", "data.time_window_ms=-5"], "data.time_window_ms must be at least 0.001"),
     ],
 )
 def test_mismatched_encoders_and_impossible_binnings_are_refused(overrides: list[str], message: str) -> None:
@@ -276,8 +276,7 @@ def test_two_training_steps_and_snn_eval_on_n_mnist(tmp_path: Path) -> None:
     root = make_nmnist(tmp_path / "data")
     run = tmp_path / "run"
     args = [
-        "data=nmnist",
-        "encoder=events",
+        "data=nmnist",  # its encoder is events: the command the README gives, nothing more
         "data.root=data",
         "data.download=false",
         "train.limit_batches=2",
@@ -312,7 +311,7 @@ def test_a_bad_recording_stops_snn_train_with_one_line(tmp_path: Path) -> None:
     root = make_nmnist(tmp_path)
     bad = root / "NMNIST" / "Train" / "5" / "00015.bin"
     truncated_file(bad)
-    result = snn("snn-train", tmp_path, "data=nmnist", "encoder=events", f"data.root={root}", "data.download=false")
+    result = snn("snn-train", tmp_path, "data=nmnist", f"data.root={root}", "data.download=false")
     assert result.returncode == 2
     assert result.stderr.startswith(f"snn-train: error: {bad}: ") and result.stderr.count("\n") == 1
 
@@ -339,7 +338,7 @@ def test_under_torchrun_rank_0_bins_and_both_ranks_train_on_the_frames(
 ) -> None:
     root = make_nmnist(tmp_path / "data")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "snn_train"]
-    args = ["data=nmnist", "encoder=events", f"data.root={root}", "data.download=false", "train.limit_batches=2"]
+    args = ["data=nmnist", f"data.root={root}", "data.download=false", "train.limit_batches=2"]
     result = subprocess.run(
         [*torchrun, *args, *SMALL, f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=tmp_path,

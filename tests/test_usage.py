@@ -23,11 +23,14 @@ pytestmark = pytest.mark.slow  # each test starts a command (snn-train, snn-eval
 ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "configs"
 PRIMARY = {"snn-train": "config", "snn-eval": "eval", "snn-export": "export"}
+# snn-eval composes an encoder group only for data=nmnist's choice of encoder=events; it runs the checkpoint's encoder
+NOT_TAKEN = {"snn-eval": {"encoder"}}
 CASES = [
     ("snn-train", ()),
     ("snn-train", ("+experiment=fast", "optim=sgd")),
     ("snn-eval", ()),
     ("snn-eval", ("data=kmnist",)),
+    ("snn-eval", ("data=nmnist",)),
     ("snn-export", ()),
     ("snn-export", ("input_shape=[1,20,20]",)),
 ]
@@ -63,7 +66,8 @@ def config_groups(command: str) -> set[str]:
     if command == "snn-train":
         return {path.name for path in CONFIGS.iterdir() if path.is_dir() and path.name not in ("hydra", "__pycache__")}
     defaults = yaml.safe_load((CONFIGS / f"{PRIMARY[command]}.yaml").read_text())["defaults"]
-    return {key for entry in defaults if isinstance(entry, dict) for key in entry if not key.startswith("override")}
+    keys = {key for entry in defaults if isinstance(entry, dict) for key in entry if not key.startswith("override")}
+    return keys - NOT_TAKEN.get(command, set())
 
 
 def composed(command: str, overrides: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -110,7 +114,8 @@ def test_help_names_every_key_of_the_config_and_the_values_of_the_most_used(
     assert len(most_used) >= min(5, len(config))
     assert {key: yaml.safe_load(value) for key, value in most_used.items()} == {key: config[key] for key in most_used}
     others = expand(" ".join(section(text, "Other keys")))
-    assert sorted([*most_used, *others]) == sorted(config)
+    taken = [key for key in config if key.split(".")[0] not in NOT_TAKEN.get(command, set())]
+    assert sorted([*most_used, *others]) == sorted(taken)
 
 
 @pytest.mark.parametrize("command", PRIMARY)
