@@ -244,7 +244,7 @@ def test_missing_data_without_download_says_where_to_put_it(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["data=nmnist", "encoder=direct"], "data=nmnist holds event frames, which encoder=direct cannot take (it encodes"),
+        (["data=nmnist", "encoder=direct"], "data=nmnist holds event frames, which encoder=direct cannot take (it"),
         (["data=nmnist", "encoder=poisson"], "data=nmnist holds event frames, which encoder=poisson cannot take"),
         (["encoder=events"], "encoder=events takes event frames, but data=mnist holds images"),
         (["data=nmnist", "augment.shift=2"], "augment.* transforms images; data=nmnist holds event"),
