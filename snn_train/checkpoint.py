@@ -1,8 +1,9 @@
 """Checkpoints: everything needed to continue a run exactly, the last two kept; the resume policy; atomic writes.
 
-A checkpoint holds the model, optimizer and scheduler states, the resolved config, the random states, and under
-``loop`` the training loop's own state (its position, running sums and history, which progress.py defines). best.pt,
-the weights of the best validation, holds only the model, the config and under ``loop`` that validation: enough for
+A checkpoint holds the model, optimizer and scheduler states, the moving average of the weights (train.ema_decay;
+None when it is off), the resolved config, the random states, and under ``loop`` the training loop's own state (its
+position, running sums and history, which progress.py defines). best.pt, the weights of the best validation (their
+average, with train.ema_decay), holds only the model, the config and under ``loop`` that validation: enough for
 snn-eval, not for resuming.
 """
 
@@ -20,13 +21,14 @@ from typing import Any, BinaryIO
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from snn_train.config import flat_config
 from snn_train.errors import CheckpointError, ConfigError, write_error
 from snn_train.schema import Config
 
 LAST, PREVIOUS, BEST = "last.pt", "previous.pt", "best.pt"
-STATES = ("model", "optimizer", "scheduler", "config", "rng")  # a checkpoint's keys besides ``loop``
+STATES = ("model", "optimizer", "scheduler", "average", "config", "rng")  # a checkpoint's keys besides ``loop``
 REQUIRED = ("model", "config", "epoch", "step")  # what snn-eval needs (epoch and step in ``loop``)
 RESUMABLE = (
     "optimizer",
@@ -124,11 +126,15 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    average: AveragedModel | None,
     cfg: Config | DictConfig,
     data_order: torch.Tensor,
     loop: dict[str, Any],
 ) -> None:
     """Write folder/last.pt completely, then keep the one before as previous.pt; CheckpointError if it fails.
+
+    ``model`` holds the trained weights; ``average``, with train.ema_decay, their moving average (parameters, buffers,
+    and the count of updates, ``n_averaged``), so a resumed run goes on averaging exactly.
 
     ``data_order`` is the data-order generator's state at the start of the epoch ``loop`` is in;
     ``loop`` holds the loop's position and running sums (at least ``epoch`` and ``step``).
@@ -137,6 +143,7 @@ def save_checkpoint(
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "average": average.state_dict() if average is not None else None,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "rng": rng_states(data_order),
         "loop": loop,
@@ -176,6 +183,15 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if missing:
         raise CheckpointError(f"{path} is not an snn-train checkpoint (it lacks {', '.join(missing)})")
     return state
+
+
+def evaluated_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights snn-eval and snn-export take from a checkpoint: the average of the weights where last.pt keeps one
+    (train.ema_decay), as training evaluated, else ``model`` (best.pt's is the average already)."""
+    average = state.get("average")
+    if average is None:
+        return state["model"]
+    return {key.removeprefix("module."): value for key, value in average.items() if key != "n_averaged"}
 
 
 def find_checkpoint(path: Path, names: tuple[str, ...] = (LAST,)) -> Path:
@@ -230,13 +246,17 @@ def restore(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    average: AveragedModel | None,
     data_order: torch.Generator,
 ) -> None:
-    """Put a checkpoint's weights, optimizer and scheduler states and every random state back."""
+    """Put a checkpoint's weights, optimizer and scheduler states, the average of the weights and every random state
+    back. (A checkpoint holds an average exactly when its config's train.ema_decay is set, which must match.)"""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
+    if average is not None:
+        average.load_state_dict(state["average"])
     rng = state["rng"]
     data_order.set_state(rng["data_order"])
     random.setstate(rng["python"])

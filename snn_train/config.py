@@ -210,8 +210,8 @@ def check_train(cfg: DictConfig) -> None:
 
 
 def check_validation(cfg: DictConfig) -> None:
-    """The validation split, early stopping and the weights tested (the split's size against the data set is checked
-    once it is loaded)."""
+    """The validation split, early stopping and the weights validated and tested (the split's size against the data
+    set is checked once it is loaded)."""
     _check(cfg.data.val_size >= 0, f"data.val_size must be >= 0 (0 = no validation split), got {cfg.data.val_size}")
     _check(0 <= cfg.data.split_seed < 2**63, f"data.split_seed must lie in 0..2**63-1, got {cfg.data.split_seed}")
     patience = cfg.train.early_stopping_patience
@@ -223,6 +223,11 @@ def check_validation(cfg: DictConfig) -> None:
             "or train.early_stopping_patience=null",
         )
     _check_choice(cfg, "train.test_on", TEST_ON)
+    decay = cfg.train.ema_decay
+    _check(
+        decay is None or 0 < decay < 1,
+        f"train.ema_decay must lie in (0, 1), e.g. 0.999 (null = off), got {decay}",
+    )
 
 
 def check_log(cfg: DictConfig) -> None:

@@ -52,7 +52,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from snn_train.checkpoint import find_checkpoint, load_checkpoint, write_atomically
+from snn_train.checkpoint import evaluated_weights, find_checkpoint, load_checkpoint, write_atomically
 from snn_train.errors import ExportError
 from snn_train.model import LI, LIF, ConvSNN
 from snn_train.report import training_config
@@ -223,7 +223,7 @@ def load_network(file: Path, checkpoint: dict[str, Any], train_cfg: Config, inpu
     """The checkpoint's network for images of ``input_shape``, or ExportError if they do not fit it."""
     try:
         model = ConvSNN.from_config(train_cfg.model, input_shape)
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(evaluated_weights(checkpoint))
     except (ValueError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[-1].strip()
         raise ExportError(f"input_shape={list(input_shape)} does not fit the network of {file} ({reason})") from None

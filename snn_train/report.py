@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from snn_train.checkpoint import BEST, LAST, find_checkpoint, load_checkpoint, write_atomically
+from snn_train.checkpoint import BEST, LAST, evaluated_weights, find_checkpoint, load_checkpoint, write_atomically
 from snn_train.config import check_encoder_for_data
 from snn_train.data import DATASETS, Split, load_split
 from snn_train.distributed import resolve_device
@@ -23,7 +23,7 @@ from snn_train.task import seed_everything
 from snn_train.tensorboard import RunLogger
 
 # Keys of a training config snn-eval has no use for, which a checkpoint written before they existed lacks: how the run
-# computed (snn-eval's choice), split off its validation set, validated, stopped and tested.
+# computed (snn-eval's choice), split off its validation set, validated, stopped, tested and averaged its weights.
 NOT_FOR_EVAL = (
     "model.kernel",
     "data.val_size",
@@ -31,6 +31,7 @@ NOT_FOR_EVAL = (
     "log.val_every_n_steps",
     "train.early_stopping_patience",
     "train.test_on",
+    "train.ema_decay",
 )
 
 
@@ -60,7 +61,7 @@ def build_network(checkpoint: dict[str, Any], train_cfg: Config, test_set: Split
     incompatible = f"{data_name} test {samples} {input_shape} do not fit the checkpoint's network"
     try:
         model = ConvSNN.from_config(train_cfg.model, input_shape)
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(evaluated_weights(checkpoint))
     except (ValueError, RuntimeError) as error:
         raise DataError(f"{incompatible} ({str(error).strip().splitlines()[-1].strip()})") from None
     return model

@@ -140,6 +140,7 @@ class TrainConfig:
     on_nan: str = MISSING
     early_stopping_patience: int | None = MISSING
     test_on: str = MISSING
+    ema_decay: float | None = MISSING
     resume: str | None = MISSING
 
 

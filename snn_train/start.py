@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from snn_train import distributed
 from snn_train.allocator import keep_freed_memory
@@ -22,7 +23,7 @@ from snn_train.errors import ConfigError
 from snn_train.model import ConvSNN
 from snn_train.progress import Progress
 from snn_train.schema import Config
-from snn_train.task import bf16_emulated, build_model, build_optimizer, build_scheduler, seed_everything
+from snn_train.task import bf16_emulated, build_average, build_model, build_optimizer, build_scheduler, seed_everything
 from snn_train.tensorboard import RunLogger
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,17 @@ class Run:
     encoder: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    average: AveragedModel | None  # the moving average of the weights (train.ema_decay); None when it is off
     data_order: torch.Generator
     logger: RunLogger | None  # rank 0's alone: it writes the event files, checkpoints and metrics.json; None elsewhere
     progress: Progress
     started: float  # time.perf_counter() at the run's start, earlier sessions included
+
+    @property
+    def evaluated(self) -> ConvSNN:
+        """The network validations, best.pt and the tests evaluate: the average of the weights with train.ema_decay,
+        else the model itself."""
+        return self.average.module if self.average is not None else self.model
 
 
 def start_run(cfg: Config, run_dir: Path) -> Run:
@@ -69,15 +77,15 @@ def start_run(cfg: Config, run_dir: Path) -> Run:
         steps_per_epoch = min(steps_per_epoch, cfg.train.limit_batches)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    average = build_average(model, cfg.train.ema_decay)
     progress = Progress()
     if resumed is not None:
         path, state = resumed
         progress = Progress.from_checkpoint(state["loop"])
         if progress.epoch > cfg.train.epochs:
             raise ConfigError(f"train.epochs={cfg.train.epochs} but {path} has already begun epoch {progress.epoch}")
-        restore(
-            state, model, optimizer, scheduler, data_order
-        )  # the schedule follows train.epochs, which may have changed
+        # the schedule follows train.epochs, which may have changed
+        restore(state, model, optimizer, scheduler, average, data_order)
         log.info("resuming %s: epoch %d, batch %d, step %d", path, progress.epoch, progress.batch, progress.step)
     purge_step = progress.step + 1 if resumed is not None else None
     logger = RunLogger(run_dir, purge_step=purge_step) if distributed.is_main() else None
@@ -105,6 +113,7 @@ def start_run(cfg: Config, run_dir: Path) -> Run:
         encoder,
         optimizer,
         scheduler,
+        average,
         data_order,
         logger,
         progress,

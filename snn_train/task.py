@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 from torch.nn import functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from snn_train import distributed, lif_cpu
 from snn_train.augment import random_affine
@@ -109,6 +110,16 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, total_steps, warmup_steps, cfg.scheduler)
     )
+
+
+def build_average(model: nn.Module, decay: float | None) -> AveragedModel | None:
+    """The exponential moving average of ``model``'s weights for train.ema_decay (None when it is null), updated by
+    ``update_parameters(model)`` after each optimizer step: w_ema ← d·w_ema + (1 − d)·w, parameters and buffers
+    (batch-norm running statistics) alike. Its first update copies the weights (w_ema = w at n_averaged = 0), so the
+    average never holds the initial weights once training has begun."""
+    if decay is None:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # train.precision → autocast dtype (None: autocast off)

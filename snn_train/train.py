@@ -3,6 +3,8 @@
 The learning problem it runs (network, loss, optimizer, schedule) is task.py's; the evaluation, evaluation.py's.
 With a validation split, the loop validates every log.val_every_n_steps and at each epoch end, keeps the best weights
 in best.pt, may stop early, and evaluates the test set once, at the end; without one, it tests after every epoch.
+With train.ema_decay, every evaluation (validations, best.pt, the tests) is of the moving average of the weights,
+updated after each step that updates them; the train loss and accuracy stay those of the weights trained.
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ def save(run: Run, data_order: torch.Tensor) -> None:
     run.progress.wall_s = time.perf_counter() - run.started
     if run.logger is not None:
         run.logger.flush()  # the event files hold every step up to the checkpoint; a resume purges later ones
-        save_checkpoint(folder, run.model, run.optimizer, run.scheduler, run.cfg, data_order, asdict(run.progress))
+        save_checkpoint(
+            folder, run.model, run.optimizer, run.scheduler, run.average, run.cfg, data_order, asdict(run.progress)
+        )
     distributed.barrier()
 
 
@@ -106,6 +110,8 @@ def train_step(
     if cfg.train.grad_clip is not None:
         nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip)
     run.optimizer.step()
+    if run.average is not None:
+        run.average.update_parameters(run.model)
     if run.scheduler is not None:
         run.scheduler.step()
     if cfg.train.on_nan == "stop":
@@ -221,7 +227,7 @@ def end_epoch(run: Run, epoch: int) -> None:
     (resetting the running sums), checkpoint and write metrics.json."""
     progress = run.progress
     if run.val_set is None:
-        val, test = None, evaluation(run, run.model, run.test_set)
+        val, test = None, evaluation(run, run.evaluated, run.test_set)
     else:
         if not progress.validations or progress.validations[-1].step != progress.step:
             validate(run)
@@ -284,7 +290,7 @@ def log_epoch(run: Run, logger: RunLogger, metrics: EpochMetrics) -> None:
             },
         )
     name, split = ("validation", run.val_set) if run.val_set is not None else ("test", run.test_set)
-    encoded, voltages, _ = sample_forward(run.model, run.encoder, split, 1)
+    encoded, voltages, _ = sample_forward(run.evaluated, run.encoder, split, 1)
     logger.readout_traces(step, voltages[:, 0], int(split.labels[0]), f"{name} sample 0")
     logger.input_raster(step, encoded[:, 0], f"{name} sample 0")
 
@@ -321,12 +327,12 @@ def validate(run: Run) -> None:
     """Evaluate the validation split; log it and write metrics.json; write best.pt if its accuracy is the best so far,
     else count it towards early stopping."""
     progress = run.progress
-    result = evaluation(run, run.model, run.val_set)
+    result = evaluation(run, run.evaluated, run.val_set)
     progress.validations.append(result)
     if progress.best is None or result.accuracy > progress.best.accuracy:
         progress.best, progress.stale = result, 0
         if run.logger is not None:
-            save_best(run.run_dir / "checkpoints", run.model, run.cfg, asdict(result))
+            save_best(run.run_dir / "checkpoints", run.evaluated, run.cfg, asdict(result))
         distributed.barrier()  # best.pt is on disk for every rank
     else:
         progress.stale += 1
@@ -390,7 +396,7 @@ def final_test(run: Run) -> None:
         progress.final = final_metrics(run, "last", test, last.wall_s)
     elif progress.final is None or progress.final.test_on != cfg.train.test_on:
         best = cfg.train.test_on == "best"
-        test = evaluation(run, best_weights(run) if best else run.model, run.test_set)
+        test = evaluation(run, best_weights(run) if best else run.evaluated, run.test_set)
         tested = progress.best if best else test
         test = replace(test, epoch=tested.epoch, step=tested.step)
         progress.final = final_metrics(run, cfg.train.test_on, test, time.perf_counter() - run.started)

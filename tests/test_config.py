@@ -117,6 +117,9 @@ def test_decoders_reduce_over_time() -> None:
         ("train.early_stopping_patience=0", "train.early_stopping_patience must be > 0"),
         ("data.val_size=0 train.early_stopping_patience=3", "train.early_stopping_patience needs a validation split"),
         ("train.test_on=middle", "train.test_on=middle is not one of best, last"),
+        ("train.ema_decay=1", "train.ema_decay must lie in (0, 1), e.g. 0.999 (null = off), got 1"),
+        ("train.ema_decay=0", "train.ema_decay must lie in (0, 1), e.g. 0.999 (null = off), got 0"),
+        ("train.ema_decay=-0.5", "train.ema_decay must lie in (0, 1), e.g. 0.999 (null = off), got -0.5"),
         (
             "model.learn_tau_mem=true model.lif.dt=0.001 model.lif.tau_mem_inv=1000",
             "model.learn_tau_mem needs model.lif.dt·tau_mem_inv < 1",
