@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -67,3 +68,42 @@ def test_a_failing_variant_stops_the_grid_and_names_its_log(tmp_path: Path, tiny
     assert result.returncode != 0
     assert "model.dropout=2" in result.stderr and str(Path("grid") / "1_seed0.log") in result.stderr
     assert "model.dropout is a probability" in (tmp_path / "grid" / "1_seed0.log").read_text()
+
+
+def ablation_module():
+    """scripts/ablation.py imported as a module (it imports summarize_sweep from its own folder)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        return importlib.import_module("ablation")
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+
+def runs(val: list[float], test: list[float]) -> list[dict[str, object]]:
+    """What ablation.run returns for each seed, with these validation and test accuracies."""
+    return [
+        {
+            "val_accuracy": v,
+            "test_accuracy": t,
+            "seq_length": 4,
+            "epochs": 1,
+            "process_wall_s": 10.0,
+            "spikes_per_sample": 100.0,
+        }
+        for v, t in zip(val, test, strict=True)
+    ]
+
+
+def test_delta_is_taken_on_validation_and_seeds_show_mean_and_half_their_range() -> None:
+    ablation = ablation_module()
+    base = runs([0.980, 0.984], [0.990, 0.990])
+    variant = runs([0.990, 0.986], [0.985, 0.983])  # better on validation, worse on test
+    row = ablation.variant_row("optim.lr=4e-3", variant, base)
+    assert row["Δ vs base"] == "+0.60"  # (0.988 - 0.982), not the test's -0.60
+    assert row["val accuracy"] == "98.80 ± 0.20 % (99.00, 98.60)"
+    assert row["test accuracy"] == "98.40 ± 0.10 % (98.50, 98.30)"
+    unsplit = runs(["", ""], [0.990, 0.986])  # no validation split: the test decides
+    assert ablation.variant_row("x=1", unsplit, runs(["", ""], [0.980, 0.980]))["Δ vs base"] == "+0.80"
+    table = ablation.markdown("base", [ablation.variant_row("", base, None), row], test=False)
+    assert "test" not in table and "98.80 ± 0.20 %" in table
+    assert "98.40 ± 0.10 %" in ablation.markdown("base", [row], test=True)
