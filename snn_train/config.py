@@ -234,7 +234,11 @@ def check_log(cfg: DictConfig) -> None:
     """``log``: the logging intervals."""
     _check_positive(cfg, "log.every_n_steps", "e.g. log.every_n_steps=50")
     _check_positive(cfg, "log.histogram_every_n_steps", "e.g. log.histogram_every_n_steps=500")
-    _check_positive(cfg, "log.val_every_n_steps", "e.g. log.val_every_n_steps=500")
+    every = cfg.log.val_every_n_steps
+    _check(
+        every is None or every > 0,
+        f"log.val_every_n_steps must be > 0 (null = at epoch ends only), got {every}; e.g. log.val_every_n_steps=500",
+    )
 
 
 def validate(cfg: DictConfig) -> None:

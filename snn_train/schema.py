@@ -148,7 +148,7 @@ class TrainConfig:
 class LogConfig:
     every_n_steps: int = MISSING
     histogram_every_n_steps: int = MISSING
-    val_every_n_steps: int = MISSING
+    val_every_n_steps: int | None = MISSING
     progress_bar: bool = MISSING
 
 

@@ -317,10 +317,10 @@ def evaluation(run: Run, model: ConvSNN, split: Split) -> Evaluation:
 
 
 def validation_due(run: Run, batches: int) -> bool:
-    """Whether to validate after this step: every log.val_every_n_steps, except at the epoch's last batch (of
-    ``batches``), whose validation end_epoch does."""
-    progress = run.progress
-    return run.val_set is not None and progress.step % run.cfg.log.val_every_n_steps == 0 and progress.batch < batches
+    """Whether to validate after this step: every log.val_every_n_steps (never if null), except at the epoch's last
+    batch (of ``batches``), whose validation end_epoch does."""
+    progress, every = run.progress, run.cfg.log.val_every_n_steps
+    return run.val_set is not None and every is not None and progress.step % every == 0 and progress.batch < batches
 
 
 def validate(run: Run) -> None:

@@ -98,21 +98,24 @@ def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     return [(s.step, s.value) for s in events.Scalars(tag)]
 
 
+# 80 training images in 5 batches of 16: every 2 steps, validations after steps 2, 4, 5 (epoch 1's end), 6, 8 and 10
+# (epoch 2's); with null, at the epoch ends only.
+@pytest.mark.parametrize(("every", "expected", "ends"), [("2", [2, 4, 5, 6, 8, 10], (2, 5)), ("null", [5, 10], (0, 1))])
 def test_validation_every_n_steps_and_at_each_epoch_end_and_the_test_once(
-    tmp_path: Path, tiny_overrides: list[str]
+    tmp_path: Path, tiny_overrides: list[str], every: str, expected: list[int], ends: tuple[int, int]
 ) -> None:
-    # 80 training images in 5 batches of 16: validations after steps 2, 4, 5 (epoch 1's end), 6, 8 and 10 (epoch 2's).
     progress = fit(
-        load_config([*tiny_overrides, "data.val_size=16", "log.val_every_n_steps=2", "train.epochs=2"]), tmp_path
+        load_config([*tiny_overrides, "data.val_size=16", f"log.val_every_n_steps={every}", "train.epochs=2"]),
+        tmp_path,
     )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     steps = [v["step"] for v in metrics["validations"]]
-    assert steps == [2, 4, 5, 6, 8, 10] == [v.step for v in progress.validations]
+    assert steps == expected == [v.step for v in progress.validations]
     assert scalars(tmp_path, "Accuracy/val") == [
         (v["step"], pytest.approx(v["accuracy"])) for v in metrics["validations"]
     ]
     assert [s for s, _ in scalars(tmp_path, "Loss/val")] == steps
-    for epoch, end in zip(metrics["epochs"], (2, 5)):
+    for epoch, end in zip(metrics["epochs"], ends):
         assert epoch["val_accuracy"] == metrics["validations"][end]["accuracy"] and epoch["test_accuracy"] is None
     final = metrics["final"]
     assert final["test_on"] == "best" and final["test_step"] == final["best_step"]
