@@ -69,14 +69,17 @@ class RunLogger:
             self.writer.add_scalar(tag, value, step)
 
     @reported
-    def spike_statistics(self, step: int, encoded: torch.Tensor, trace: dict[str, LayerTrace]) -> None:
-        """Spike rate (spikes per neuron per step) of the encoder and each LIF layer; voltage and count histograms."""
+    def spike_statistics(
+        self, step: int, encoded: torch.Tensor, trace: dict[str, LayerTrace], histograms: bool
+    ) -> None:
+        """Spike rate (spikes per neuron per step) of the encoder and each LIF layer; with ``histograms``, voltage and
+        spike-count histograms (binning them costs more than a training step: not at every logged step)."""
         self.writer.add_scalar("SpikeRate/encoder", encoded.float().mean().item(), step)
         for name, layer in trace.items():
-            counts = layer.spikes.float().sum(0)  # spikes per neuron and sample: one pass over the layer's spikes
-            self.writer.add_scalar(f"SpikeRate/{name}", (counts.sum() / layer.spikes.numel()).item(), step)
-            self.histogram(step, f"Voltage/{name}", layer.voltage)
-            self.histogram(step, f"SpikeCount/{name}", counts)
+            self.writer.add_scalar(f"SpikeRate/{name}", layer.spikes.float().mean().item(), step)
+            if histograms:
+                self.histogram(step, f"Voltage/{name}", layer.voltage)
+                self.histogram(step, f"SpikeCount/{name}", layer.spikes.float().sum(0))  # per neuron and sample
 
     @reported
     def parameters(self, step: int, model: nn.Module) -> None:

@@ -93,9 +93,11 @@ def train_step(
     """
     cfg, step = run.cfg, run.progress.step
     encoded, labels = encoded_shard(run.encoder, run.train_set, index, cfg.augment)
-    trace: dict[str, LayerTrace] | None = {} if run.logger is not None and step % cfg.log.every_n_steps == 0 else None
+    logged = run.logger is not None and step % cfg.log.every_n_steps == 0
+    histograms = run.logger is not None and step % cfg.log.histogram_every_n_steps == 0
+    trace: dict[str, LayerTrace] | None = {} if logged or histograms else None
     with autocast(labels.device, cfg.train.precision):
-        voltages = run.trained(encoded, trace)
+        voltages = run.trained(encoded, trace, histograms)
         logits = decode(voltages, cfg.decoder)
     loss_sum = objective(voltages, logits, labels, cfg.loss)
     sums = distributed.sum_over_ranks(
@@ -119,7 +121,7 @@ def train_step(
     if step % cfg.log.every_n_steps == 0 or step % cfg.log.histogram_every_n_steps == 0:
         check_losses(run, unchecked, epoch)
     if trace is not None:
-        run.logger.spike_statistics(step, encoded, trace)
+        run.logger.spike_statistics(step, encoded, trace, histograms)
     return sums
 
 

@@ -74,6 +74,12 @@ def test_training_run_writes_metrics_checkpoint_and_tensorboard(tmp_path: Path, 
     events.Reload()
     assert [s.step for s in events.Scalars("Accuracy/test")] == [3, 6]
     assert [s.step for s in events.Scalars("Loss/train")] == list(range(1, 7))
+    assert [s.step for s in events.Scalars("SpikeRate/conv1")] == list(range(1, 7))  # log.every_n_steps=1
+    every_histogram = EventAccumulator(str(run_dir), size_guidance={"histograms": 0})  # 0: keep them all
+    every_histogram.Reload()
+    for layer in LIF_LAYERS:  # log.histogram_every_n_steps=2: binning costs more than a step, only there
+        assert [h.step for h in every_histogram.Histograms(f"Voltage/{layer}")] == [2, 4, 6]
+        assert [h.step for h in every_histogram.Histograms(f"SpikeCount/{layer}")] == [2, 4, 6]
 
 
 def test_hparams_entry_carries_the_best_validation_and_the_test_metrics(

@@ -12,6 +12,7 @@ from torch import nn
 
 from snn_train import ConvSNN, LIFParameters, LIParameters
 from snn_train.model import LIF, convolve_over_time, dropout_over_time
+from snn_train.neurons import lif_sequence_reference
 
 
 def seed_network() -> ConvSNN:
@@ -195,3 +196,25 @@ def test_traces_without_voltages_hold_the_same_spikes() -> None:
     for name, layer in without_voltage.items():
         assert layer.voltage is None and with_voltage[name].voltage is not None
         assert torch.equal(layer.spikes, with_voltage[name].spikes)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_traced_step_trains_as_an_untraced_one_and_records_the_reference_spikes(compiled: bool) -> None:
+    """Logging steps trace the network: their output and gradients must be those of any other step, and the recorded
+    full (unpooled) spikes those of the step-by-step reference on the layer's currents."""
+    torch.manual_seed(5)
+    x = torch.rand(4, 3, 1, 16, 16) * 8
+    runs = []
+    for trace in (None, {}):
+        model = small_network(compiled=compiled, batch_norm=True)
+        voltages = model(x, trace)
+        voltages.max(0).values.sum().backward()
+        runs.append((voltages, {name: p.grad for name, p in model.named_parameters()}, trace, model))
+    (voltages, grads, _, _), (traced_voltages, traced_grads, trace, model) = runs
+    assert torch.equal(traced_voltages, voltages)
+    assert all(torch.equal(traced_grads[name], grad) for name, grad in grads.items())
+    with torch.no_grad():
+        currents = convolve_over_time(model.convs[0], model.norms[0], x, model.conv_scales[0])
+        reference, reference_voltage = lif_sequence_reference(currents, LIF_PARAMETERS, record_voltage=True)
+    assert torch.equal(trace["conv1"].spikes, reference) and reference.sum() > 0
+    assert torch.allclose(trace["conv1"].voltage, reference_voltage, rtol=1e-5, atol=1e-6)
