@@ -1,5 +1,6 @@
 """The assembled network: a time-invariant input convolved (and batch-normalised) once gives what convolving every step
-gives; dropout over time; learned time constants and thresholds; traces without voltages."""
+gives; dropout over time; learned time constants and thresholds; traces without voltages; a traced step equal to an
+untraced one."""
 
 from __future__ import annotations
 
