@@ -186,6 +186,27 @@ def test_the_network_with_triton_kernels_trains_as_with_torch_kernels() -> None:
         assert ref_grads[name].abs().sum() > 0, name
 
 
+def test_a_traced_network_with_triton_kernels_trains_as_an_untraced_one() -> None:
+    """Logged steps trace the layers (a second, gradient-free kernel run): output and gradients stay those of an
+    untraced step, and the traced spikes are the torch kernels'."""
+    x = (torch.rand(5, 7, 1, 12, 12, generator=torch.Generator().manual_seed(0)) * 2).to(DEVICE)
+    runs = []
+    for trace in (None, {}):
+        model = network("triton")
+        voltages = model(x, trace)
+        voltages.max(0).values.sum().backward()
+        runs.append((voltages, {name: p.grad for name, p in model.named_parameters()}, trace))
+    (voltages, grads, _), (traced_voltages, traced_grads, trace) = runs
+    assert torch.equal(traced_voltages, voltages)
+    assert all(torch.equal(traced_grads[name], grad) for name, grad in grads.items())
+    reference: dict = {}
+    network("torch")(x, reference)
+    assert trace.keys() == reference.keys() == {"conv1", "fc1"}
+    for name, layer in reference.items():
+        assert torch.equal(trace[name].spikes, layer.spikes) and layer.spikes.sum() > 0, name
+        assert relative_error(trace[name].voltage, layer.voltage) <= 1e-5, name
+
+
 TRITON, TORCH = "_TritonLIFSequenceBackward", "_FusedLIFSequenceBackward"
 
 
