@@ -93,9 +93,8 @@ def train_step(
     """
     cfg, step = run.cfg, run.progress.step
     encoded, labels = encoded_shard(run.encoder, run.train_set, index, cfg.augment)
-    logged = run.logger is not None and step % cfg.log.every_n_steps == 0
-    histograms = run.logger is not None and step % cfg.log.histogram_every_n_steps == 0
-    trace: dict[str, LayerTrace] | None = {} if logged or histograms else None
+    logged, histograms = step % cfg.log.every_n_steps == 0, step % cfg.log.histogram_every_n_steps == 0
+    trace: dict[str, LayerTrace] | None = {} if run.logger is not None and (logged or histograms) else None
     with autocast(labels.device, cfg.train.precision):
         voltages = run.trained(encoded, trace, histograms)
         logits = decode(voltages, cfg.decoder)
@@ -118,7 +117,7 @@ def train_step(
         run.scheduler.step()
     if cfg.train.on_nan == "stop":
         unchecked.append((step, run.progress.batch, loss))
-    if step % cfg.log.every_n_steps == 0 or step % cfg.log.histogram_every_n_steps == 0:
+    if logged or histograms:
         check_losses(run, unchecked, epoch)
     if trace is not None:
         run.logger.spike_statistics(step, encoded, trace, histograms)
