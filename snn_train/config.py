@@ -6,6 +6,7 @@ new choice is accepted once it is registered.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -85,8 +86,9 @@ def _resolve(cfg: DictConfig) -> None:
 
 
 def _check_complete(cfg: DictConfig) -> None:
-    """No value missing, every number finite."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    """No key or value missing (``~key`` deletes a top-level key), every number finite."""
+    absent = [field.name for field in dataclasses.fields(schema.Config) if field.name not in cfg]
+    missing = sorted([*absent, *OmegaConf.missing_keys(cfg)])
     _check(not missing, f"missing config values: {', '.join(missing)}; set them on the command line (key=value)")
     for key, value in flat_config(cfg).items():
         for number in value if isinstance(value, list) else [value]:

@@ -112,6 +112,7 @@ def test_random_overrides_on_the_command_line_end_in_one_line_and_no_traceback(o
         (["model.fc_features=[0]"], "model.fc_features must hold sizes > 0, got [0]"),
         (["train.checkpoint_every_n_steps=0"], "train.checkpoint_every_n_steps must be > 0"),
         (["train.on_nan=ignore"], "train.on_nan=ignore is not one of stop, skip"),
+        (["~warmup_epochs=0", "~loss"], "missing config values: loss, warmup_epochs; set them on the command line"),
     ],
 )
 def test_what_the_random_search_found_is_refused_by_name(overrides: list[str], message: str) -> None:
