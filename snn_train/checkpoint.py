@@ -56,6 +56,10 @@ CHANGEABLE_ON_RESUME = (
     "data.download",
 )
 
+# Keys added to the config after checkpoints were written without them, with the value each such checkpoint was trained
+# with (the option did not exist, so it was off): snn-eval, snn-export and resuming read them as if they were there.
+ADDED_KEYS = {"model.fc_batch_norm": False}
+
 
 def _sync_folder(folder: Path) -> None:
     """fsync a folder, so the renames in it are on disk."""
@@ -207,7 +211,7 @@ def find_checkpoint(path: Path, names: tuple[str, ...] = (LAST,)) -> Path:
 
 def resume_differences(saved: dict[str, Any], cfg: Config | DictConfig) -> list[str]:
     """``key (saved → now)`` for each key a checkpoint depends on whose value ``cfg`` changes."""
-    old, new = flat_config(saved), flat_config(cfg)
+    old, new = {**ADDED_KEYS, **flat_config(saved)}, flat_config(cfg)
     changeable = tuple(f"{key}." for key in CHANGEABLE_ON_RESUME)
     return [
         f"{key} ({old.get(key, 'absent')} → {new.get(key, 'absent')})"

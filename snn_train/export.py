@@ -7,9 +7,10 @@ The graph, per time step, for the reference network::
 
 Max-pooling has no NIR node, but on spikes (0 or 1) a p×p max-pool is exactly a p×p SumPool2d (stride p) followed
 by a Threshold at 0.5: the sum is ≥ 1 exactly where the maximum is 1. Batch norm (its running statistics, as
-evaluation uses them) and the conv scale are folded into the convolution: W' = s·γ/√(σ² + ε)·W and
-b' = s·(γ·(b − μ)/√(σ² + ε) + β). Learned τm and v_th enter at their trained values. Parameters are float64: the
-checkpoint's float32 weights exactly, the folded ones and the time constants computed in float64.
+evaluation uses them) and the conv scale are folded into the convolution, an fc layer's batch norm into its affine
+map (s = 1): W' = s·γ/√(σ² + ε)·W and b' = s·(γ·(b − μ)/√(σ² + ε) + β). Learned τm and v_th enter at their trained
+values. Parameters are float64: the checkpoint's float32 weights exactly, the folded ones and the time constants
+computed in float64.
 
 From this project's Euler step to NIR's continuous-time neurons. One LIF step of length dt with input x_n::
 
@@ -117,17 +118,19 @@ def cuba_li(nir: ModuleType, readout: LI, shape: Sequence[int]) -> nir.CubaLI:
     )
 
 
-def folded_conv(conv: nn.Conv2d, norm: nn.Module, scale: float, name: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """scale·norm(conv(x)) as one convolution's weight and bias (float64), and what was folded into it."""
-    weight, bias = conv.weight.detach(), conv.bias.detach()
+def folded(
+    layer: nn.Conv2d | nn.Linear, norm: nn.Module, scale: float, name: str
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """scale·norm(layer(x)) as one layer's weight and bias (float64), and what was folded into it."""
+    weight, bias = layer.weight.detach(), layer.bias.detach()
     folded = f"scale {scale:g}"
-    if isinstance(norm, nn.BatchNorm2d) and norm.running_mean is not None:
+    if isinstance(norm, nn.BatchNorm1d | nn.BatchNorm2d) and norm.running_mean is not None:
         gain = norm.weight.detach() / torch.sqrt(norm.running_var + norm.eps)
-        weight = weight * gain[:, None, None, None]
+        weight = weight * gain.view(-1, *[1] * (weight.dim() - 1))
         bias = gain * (bias - norm.running_mean) + norm.bias.detach()
         folded = f"batch norm (running statistics), {folded}"
     elif not isinstance(norm, nn.Identity):
-        only = "only a batch norm with running statistics folds into the convolution"
+        only = "only a batch norm with running statistics folds into the layer before it"
         raise ExportError(f"cannot export {name}: NIR has no {type(norm).__name__}, and {only}")
     return (scale * weight).numpy(), (scale * bias).numpy(), folded
 
@@ -139,7 +142,7 @@ def graph_nodes(nir: ModuleType, model: ConvSNN) -> dict[str, nir.NIRNode]:
     nodes: dict[str, Any] = {"input": nir.Input(input_type=np.array([c, h, w]))}
     p = model.pool_size
     for n, (conv, norm, scale, lif) in enumerate(zip(model.convs, model.norms, model.conv_scales, model.conv_lifs), 1):
-        weight, bias, folded = folded_conv(conv, norm, scale, f"conv{n}")
+        weight, bias, what = folded(conv, norm, scale, f"conv{n}")
         nodes[f"conv{n}_conv"] = nir.Conv2d(
             input_shape=(h, w),
             weight=weight,
@@ -148,7 +151,7 @@ def graph_nodes(nir: ModuleType, model: ConvSNN) -> dict[str, nir.NIRNode]:
             dilation=1,
             groups=1,
             bias=bias,
-            metadata={"folded": folded},
+            metadata={"folded": what},
         )
         c, h, w = conv.out_channels, h - conv.kernel_size[0] + 1, w - conv.kernel_size[1] + 1
         nodes[f"conv{n}_lif"] = cuba_lif(nir, lif, (c, h, w))
@@ -161,8 +164,10 @@ def graph_nodes(nir: ModuleType, model: ConvSNN) -> dict[str, nir.NIRNode]:
             metadata={"max_pool": f"{p}x{p} max-pool of the spikes, as SumPool2d then > 0.5"},
         )
     nodes["flatten"] = nir.Flatten(input_type={"input": np.array([c, h, w])}, start_dim=0, end_dim=-1)
-    for n, (fc, lif) in enumerate(zip(model.fcs, model.fc_lifs), 1):
-        nodes[f"fc{n}_affine"] = nir.Affine(weight=fc.weight.detach().numpy(), bias=fc.bias.detach().numpy())
+    for n, (fc, norm, lif) in enumerate(zip(model.fcs, model.fc_norms, model.fc_lifs), 1):
+        weight, bias, what = folded(fc, norm, 1.0, f"fc{n}")
+        metadata = {} if isinstance(norm, nn.Identity) else {"folded": what}
+        nodes[f"fc{n}_affine"] = nir.Affine(weight=weight, bias=bias, metadata=metadata)
         nodes[f"fc{n}_lif"] = cuba_lif(nir, lif, (fc.out_features,))
     readout = model.readout_linear
     weight = readout.weight.detach().numpy()
@@ -264,7 +269,7 @@ def format_report(report: dict[str, Any]) -> str:
             for name, node in graph.nodes.items()
         ),
         "",
-        "folded into the convolutions: "
+        "folded into the weights: "
         + "; ".join(
             f"{name}: {node.metadata['folded']}" for name, node in graph.nodes.items() if "folded" in node.metadata
         ),

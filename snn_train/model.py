@@ -117,6 +117,12 @@ def convolve_over_time(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor, scale:
     return currents.unflatten(0, x.shape[:2])
 
 
+def normalised_over_time(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """norm(x) at every step of [T, B, features]: a batch norm's statistics are taken over time and batch together,
+    as convolve_over_time's."""
+    return norm(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+
+
 def dropout_over_time(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Dropout on [T, B, ...] with one mask for all time steps: a dropped neuron is silent for the whole sample."""
     if not training or p == 0:
@@ -133,8 +139,8 @@ def conv_fan_out(conv: nn.Conv2d, input_size: Sequence[int]) -> torch.Tensor:
 
 
 class ConvSNN(nn.Module):
-    """conv → [batch norm] → ×scale → LIF → maxpool (per conv layer) → [dropout] → fc → LIF (per fc layer) →
-    [dropout] → linear → LI readout.
+    """conv → [batch norm] → ×scale → LIF → maxpool (per conv layer) → [dropout] → fc → [batch norm] → LIF (per fc
+    layer) → [dropout] → linear → LI readout.
 
     Input [T, B, C, H, W]; output readout voltages [T, B, num_classes]. Stateless layers run once
     over the T·B-flattened tensor; each LIF layer runs the whole sequence in one call with the ``kernel`` chosen (see
@@ -155,6 +161,7 @@ class ConvSNN(nn.Module):
         readout: LIParameters,
         compiled: bool = False,
         batch_norm: bool = False,
+        fc_batch_norm: bool = False,
         dropout: float = 0.0,
         learn_tau_mem: bool = False,
         learn_v_th: bool = False,
@@ -175,6 +182,7 @@ class ConvSNN(nn.Module):
         self.dropout = dropout
         features = [self._flat_features(), *fc_features]
         self.fcs = nn.ModuleList(nn.Linear(f_in, f_out) for f_in, f_out in zip(features, features[1:]))
+        self.fc_norms = nn.ModuleList(nn.BatchNorm1d(f) if fc_batch_norm else nn.Identity() for f in fc_features)
         self.fc_lifs = nn.ModuleList(LIF(lif, compiled, learn_tau_mem, learn_v_th, kernel) for _ in fc_features)
         self.readout_linear = nn.Linear(features[-1], num_classes, bias=readout_bias)
         self.readout = LI(readout)
@@ -206,6 +214,7 @@ class ConvSNN(nn.Module):
             readout=readout,
             compiled=compiled,
             batch_norm=model_cfg.batch_norm,
+            fc_batch_norm=model_cfg.fc_batch_norm,
             dropout=model_cfg.dropout,
             learn_tau_mem=model_cfg.learn_tau_mem,
             learn_v_th=model_cfg.learn_v_th,
@@ -248,6 +257,7 @@ class ConvSNN(nn.Module):
         for n, (conv, norm, scale, lif) in enumerate(zip(self.convs, self.norms, self.conv_scales, self.conv_lifs)):
             h = lif(convolve_over_time(conv, norm, h, scale), trace, f"conv{n + 1}", record_voltage, self.pool_size)
         h = h.flatten(2)
-        for n, (fc, lif) in enumerate(zip(self.fcs, self.fc_lifs)):
-            h = lif(fc(dropout_over_time(h, self.dropout, self.training)), trace, f"fc{n + 1}", record_voltage)
+        for n, (fc, norm, lif) in enumerate(zip(self.fcs, self.fc_norms, self.fc_lifs)):
+            currents = normalised_over_time(norm, fc(dropout_over_time(h, self.dropout, self.training)))
+            h = lif(currents, trace, f"fc{n + 1}", record_voltage)
         return self.readout(self.readout_linear(dropout_over_time(h, self.dropout, self.training)))

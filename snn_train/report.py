@@ -10,7 +10,15 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from snn_train.checkpoint import BEST, LAST, evaluated_weights, find_checkpoint, load_checkpoint, write_atomically
+from snn_train.checkpoint import (
+    ADDED_KEYS,
+    BEST,
+    LAST,
+    evaluated_weights,
+    find_checkpoint,
+    load_checkpoint,
+    write_atomically,
+)
 from snn_train.config import check_encoder_for_data
 from snn_train.data import DATASETS, Split, load_split
 from snn_train.distributed import resolve_device
@@ -36,14 +44,16 @@ NOT_FOR_EVAL = (
 
 
 def training_config(file: Path, checkpoint: dict[str, Any]) -> DictConfig:
-    """The config the checkpoint was trained with; one from an older snn-train that lacks a key snn-eval uses is
-    refused."""
+    """The config the checkpoint was trained with, keys added since it was written (ADDED_KEYS) filled in; one from an
+    older snn-train that lacks another key snn-eval uses is refused."""
     saved = checkpoint["config"]
     schema = OmegaConf.structured(Config)
     dataset = DATASETS.get(saved.get("data", {}).get("name"))
     if dataset is not None:
         schema.data = OmegaConf.structured(dataset.schema)  # an event data set's keys are more than DataConfig's
     train_cfg = OmegaConf.merge(schema, saved)
+    for key in ADDED_KEYS.keys() & OmegaConf.missing_keys(train_cfg):
+        OmegaConf.update(train_cfg, key, ADDED_KEYS[key])
     missing = sorted(set(OmegaConf.missing_keys(train_cfg)) - set(NOT_FOR_EVAL))
     if missing:
         raise CheckpointError(

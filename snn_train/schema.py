@@ -46,6 +46,7 @@ class ModelConfig:
     num_classes: int = MISSING
     readout_bias: bool = MISSING
     batch_norm: bool = MISSING
+    fc_batch_norm: bool = MISSING
     dropout: float = MISSING
     learn_tau_mem: bool = MISSING
     learn_v_th: bool = MISSING

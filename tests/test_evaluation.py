@@ -275,11 +275,15 @@ def test_a_checkpoint_from_an_older_version_names_the_keys_it_lacks(run_dir: Pat
     )
 
 
-def test_a_checkpoint_from_before_model_kernel_is_evaluated_as_one_that_has_it(run_dir: Path, tmp_path: Path) -> None:
-    """model.kernel says how to compute, which snn-eval picks for its own device: its absence is no loss."""
+@pytest.mark.parametrize("key", ["kernel", "fc_batch_norm"])
+def test_a_checkpoint_from_before_a_model_key_is_evaluated_as_one_that_has_it(
+    key: str, run_dir: Path, tmp_path: Path
+) -> None:
+    """model.kernel says how to compute, which snn-eval picks for its own device; a network trained before
+    model.fc_batch_norm existed had none: their absence is no loss."""
     file = tmp_path / "last.pt"
     checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    del checkpoint["config"]["model"]["kernel"]
+    del checkpoint["config"]["model"][key]
     torch.save(checkpoint, file)
     report = evaluate_checkpoint(eval_config([f"checkpoint={file}", "batch_size=10"]))
     original = evaluate_checkpoint(eval_config([f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", "batch_size=10"]))

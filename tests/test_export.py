@@ -33,6 +33,7 @@ from nir_simulator import simulate  # noqa: E402 (after the skip: it imports nir
 NETWORKS = {
     "default": [],
     "batch_norm": ["model.batch_norm=true"],
+    "fc_batch_norm": ["model.fc_batch_norm=true", "model.fc_features=[64,32]"],
     "learned_tau_v_th": ["model.learn_tau_mem=true", "model.learn_v_th=true"],
     "other_constants": [
         "model.lif.dt=0.0005",
@@ -52,7 +53,8 @@ NETWORKS = {
         "model.fc_features=[64,32]",
     ],
 }
-# Run to a checkpoint and exported by the command: batch norm and learned τ/θ together, spiking from the first step.
+# Run to a checkpoint and exported by the command: batch norms (conv and fc) and learned τ/θ together, spiking from the
+# first step.
 TRAINING = [
     "data.val_size=0",
     "seq_length=8",
@@ -65,6 +67,7 @@ TRAINING = [
     "encoder.input_scale=5",
     "data.download=false",
     "model.batch_norm=true",
+    "model.fc_batch_norm=true",
     "model.learn_tau_mem=true",
     "model.learn_v_th=true",
 ]
@@ -72,19 +75,19 @@ TRAINING = [
 
 def network(overrides: list[str], seed: int = 0) -> tuple[ConvSNN, Any]:
     """The configured network, its batch norms' statistics and learned values moved away from their start values and
-    its fc weights ×5, so that every layer spikes within a few steps."""
+    its fc weights ×5 (an fc layer's batch-norm shift positive), so that every layer spikes within a few steps."""
     cfg = load_config(overrides)
     torch.manual_seed(seed)
     model = ConvSNN.from_config(cfg.model, (1, 28, 28))
     with torch.no_grad():
         for fc in model.fcs:
             fc.weight.mul_(5)
-        for norm in model.norms:
-            if isinstance(norm, torch.nn.BatchNorm2d):
+        for norm in [*model.norms, *model.fc_norms]:
+            if isinstance(norm, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
                 norm.running_mean.uniform_(-0.2, 0.2)
                 norm.running_var.uniform_(0.5, 2.0)
                 norm.weight.uniform_(0.5, 1.5)
-                norm.bias.uniform_(-0.3, 0.3)
+                norm.bias.uniform_(-0.3, 0.3) if isinstance(norm, torch.nn.BatchNorm2d) else norm.bias.uniform_(0, 0.4)
         for lif in [*model.conv_lifs, *model.fc_lifs]:
             if lif.tau_mem_logit is not None:
                 lif.tau_mem_logit.add_(torch.empty(()).uniform_(-1, 1))
@@ -232,6 +235,10 @@ def test_a_norm_that_does_not_fold_is_refused_naming_its_layer() -> None:
         ExportError,
         match="^cannot export conv2: NIR has no GroupNorm, and only a batch norm with running statistics folds",
     ):
+        to_nir(model, {})
+    model, _ = network(["model.fc_batch_norm=true"])
+    model.fc_norms[0] = torch.nn.LayerNorm(1024)
+    with pytest.raises(ExportError, match="^cannot export fc1: NIR has no LayerNorm"):
         to_nir(model, {})
 
 

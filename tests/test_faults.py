@@ -177,6 +177,19 @@ def test_resuming_with_more_epochs_and_other_logging_continues_the_run(
         resume(tiny_overrides, trained, "train.epochs=1")
 
 
+def test_a_checkpoint_from_before_model_fc_batch_norm_resumes_as_one_without_it(
+    trained: Path, tiny_overrides: list[str]
+) -> None:
+    file = trained / "checkpoints" / "last.pt"
+    state = load_checkpoint(file)
+    del state["config"]["model"]["fc_batch_norm"]  # as written before the option existed
+    torch.save(state, file)
+    with pytest.raises(ConfigError, match=re.escape("different config: model.fc_batch_norm (False → True)")):
+        resume(tiny_overrides, trained, "train.epochs=2", "model.fc_batch_norm=true")
+    history = resume(tiny_overrides, trained, "train.epochs=2")
+    assert [(e.epoch, e.step) for e in history] == [(1, 2), (2, 4)]
+
+
 def test_an_unwritable_run_folder_is_reported_before_anything_else(tmp_path: Path, tiny_overrides: list[str]) -> None:
     (tmp_path / "checkpoints").write_text("a file where the checkpoints folder belongs")
     cfg = load_config([*tiny_overrides, f"data.root={tmp_path / 'no data'}"])

@@ -109,14 +109,41 @@ def test_a_network_learning_time_constants_and_thresholds_starts_as_the_fixed_on
 
 
 def test_every_parameter_of_a_network_with_every_feature_gets_a_gradient() -> None:
-    network = small_network(learn_tau_mem=True, learn_v_th=True, batch_norm=True, dropout=0.2)
+    network = small_network(learn_tau_mem=True, learn_v_th=True, batch_norm=True, fc_batch_norm=True, dropout=0.2)
     trace: dict = {}
     network(torch.rand(6, 3, 1, 16, 16) * 8, trace).max(0).values.sum().backward()
     assert all(trace[name].spikes.sum() > 0 for name in ("conv1", "conv2", "fc1"))
     for name, parameter in network.named_parameters():
         assert parameter.grad is not None, name
-        if not (name.startswith("convs.") and name.endswith(".bias")):  # a batch norm after it: 0 up to rounding
+        if not (name.startswith(("convs.", "fcs.")) and name.endswith(".bias")):  # a batch norm after it: 0 (rounding)
             assert parameter.grad.abs().sum() > 0, name
+
+
+def fc_currents(network: ConvSNN, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fc1's output and the currents its LIF layer receives, for input ``x``."""
+    seen = {}
+    hooks = [
+        network.fcs[0].register_forward_hook(lambda module, args, out: seen.update(fc=out)),
+        network.fc_lifs[0].register_forward_pre_hook(lambda module, args: seen.update(lif=args[0])),
+    ]
+    with torch.no_grad():
+        network(x)
+    for hook in hooks:
+        hook.remove()
+    return seen["fc"], seen["lif"]
+
+
+def test_fc_batch_norm_normalises_each_feature_over_time_and_batch_and_evaluates_with_running_statistics() -> None:
+    network, x = small_network(fc_batch_norm=True), torch.rand(6, 3, 1, 16, 16) * 8
+    out, currents = fc_currents(network, x)
+    mean, var = out.mean((0, 1)), out.var((0, 1), unbiased=False)
+    assert var.min() > 0 and torch.allclose(currents, (out - mean) / torch.sqrt(var + 1e-5), atol=1e-4)
+    norm = network.fc_norms[0]
+    assert torch.allclose(norm.running_mean, 0.1 * mean, atol=1e-6)  # one update of momentum 0.1 from 0
+    out, currents = fc_currents(network.eval(), x)
+    expected = (out - norm.running_mean) / torch.sqrt(norm.running_var + 1e-5)
+    assert torch.allclose(currents, expected, atol=1e-5)
+    assert not torch.allclose(currents, (out - out.mean((0, 1))) / torch.sqrt(out.var((0, 1), unbiased=False) + 1e-5))
 
 
 def repeated_and_explicit(
