@@ -175,7 +175,7 @@ def test_python_dash_m_runs_the_same_application(tmp_path: Path, tiny_overrides:
         ("data.val_size=96", "data.val_size=96 must be smaller than the mnist training set (96 images)"),
         ("train.early_stopping_patience=2", "train.early_stopping_patience needs a validation split"),
         ("train.test_on=first", "train.test_on=first is not one of best, last"),
-        ("~warmup_epochs", "warmup_epochs: Key 'warmup_epochs' not in 'Config'"),
+        ("~warmup_epochs", "missing config values: warmup_epochs; set them on the command line (key=value)"),
     ],
 )
 def test_bad_input_gives_a_message_and_no_traceback(
