@@ -10,6 +10,9 @@ use it. ``ann_conv1_every_step`` convolves all T·B inputs, as an ANN given the 
 Norse and SpikingJelly (its multi-step LIF neuron on the same network) are left out where not installed;
 on CUDA ``snn_train_torch_kernels`` times snn-train with model.kernel=torch.
 
+``train_step_ms_by_surrogate`` times snn_train_fp32 once per surrogate (``model=<name>``: the surrogate and its α),
+the choice a sweep such as ``snn-train -m model=super,tanh`` makes.
+
 ``launches_per_step`` counts, on the CPU, the kernels one training step (forward, backward, Adam) launches on the
 CUDA path with model.kernel=triton and with model.kernel=torch: see LaunchCounter.
 
@@ -40,6 +43,7 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from snn_train.allocator import keep_freed_memory
+from snn_train.surrogates import SURROGATES
 
 VARIANTS = (
     "snn_train_fp32",
@@ -66,7 +70,10 @@ def snn_train_step(
     from snn_train.encoders import build_encoder
     from snn_train.task import decode
 
-    cfg = load_config([f"seq_length={args.seq_length}", f"train.device={args.device}", f"model.kernel={kernel}"])
+    surrogate = [f"model={args.surrogate}"] if args.surrogate else []
+    cfg = load_config(
+        [f"seq_length={args.seq_length}", f"train.device={args.device}", f"model.kernel={kernel}", *surrogate]
+    )
     model = ConvSNN.from_config(cfg.model, (1, 28, 28), cfg.train.compile, cfg.model.kernel)
     encoder = build_encoder(cfg.encoder, cfg.seq_length)
 
@@ -447,6 +454,7 @@ def main() -> None:
     parser.add_argument("--growth", type=int, nargs="+", default=[8, 16, 32, 64], help="T values of the memory table")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--count-launches", choices=("triton", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--surrogate", choices=sorted(SURROGATES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.count_launches:
@@ -463,6 +471,10 @@ def main() -> None:
         if cuda or variant not in CUDA_ONLY
     }
     launches = launches_per_step(args)
+    by_surrogate = {
+        name: run_in_subprocess("snn_train_fp32", args, args.seq_length, ("--surrogate", name))["train_step_ms"]
+        for name in sorted(SURROGATES)
+    }
     growth = {str(T): run_in_subprocess("snn_train_fp32", args, T) for T in args.growth}
     report = {
         "config": {
@@ -486,6 +498,7 @@ def main() -> None:
             T: {"train_step_ms": round(r["train_step_ms"], 1), "peak_memory_mb": round(r["peak_memory_mb"], 1)}
             for T, r in growth.items()
         },
+        "train_step_ms_by_surrogate": {name: round(ms, 1) for name, ms in by_surrogate.items()},
         "launches_per_step": launches,
     }
     if cuda:
@@ -520,6 +533,7 @@ def main() -> None:
     print(f"inference (no_grad, eval): {report['inference_samples_per_s']:.0f} samples/s")
     for T, r in report["memory_by_seq_length"].items():
         print(f"T={T:>3}: {r['train_step_ms']:8.1f} ms/step, peak {r['peak_memory_mb']:7.0f} MB")
+    print("snn_train_fp32 by surrogate (model=<name>):", ", ".join(f"{k} {v:.1f} ms" for k, v in by_surrogate.items()))
     print(f"kernel launches per training step on the CUDA path (counted on the CPU): {launches}")
     if cuda:
         print(f"kernels, copies and fills per step on this GPU (profiler): {report['cuda_kernels_per_step']}")

@@ -2,7 +2,8 @@
 // keeping v and i in a small local array, so every input and output element is read or written once.
 //
 // One step, as neurons.lif_step (Norse's equations), in the same order of IEEE operations as the torch kernel, so
-// spikes are bit-identical (built with -ffp-contract=off, no fast-math):
+// spikes are bit-identical (built with -ffp-contract=off, no fast-math; -fno-math-errno and -fno-trapping-math let
+// the backward loop vectorize and change no value):
 //     i ← i + I
 //     v_pre = v + ((v_leak − v) + i)·a          a = dt·τm⁻¹
 //     i ← i − i·b                               b = dt·τs⁻¹
@@ -59,6 +60,37 @@ struct Constants {
     S a, b, v_leak, v_th, v_reset, alpha;
 };
 
+// e^x for x ≤ 0 in float32 as plain arithmetic, which the compiler vectorizes (a call of std::exp or std::tanh keeps
+// the backward loop scalar): e^x = 2^n·e^r with n = x/ln 2 rounded to the nearest integer and r = x − n·ln 2 in
+// [−ln 2/2, ln 2/2] (ln 2 in two parts, so that n·ln 2's leading part is exact), e^r by its Taylor series to r⁷
+// (r⁸/8! < 7e-9 relative: below float32's rounding), 2^n written into the exponent bits. Below −60 the result is
+// 0 instead of a number under 1e-26, whose products with gradients reach float32's subnormal numbers, which x86
+// computes with slowly. float64 state keeps std::exp.
+template <typename S>
+inline S exp_nonpositive(S x) {
+    if constexpr (std::is_same_v<S, float>) {
+        const bool negligible = x < -60.0f;
+        x = negligible ? 0.0f : x;
+        const float shift = 12582912.0f;  // 1.5·2²³: adding it and taking it away again rounds to an integer
+        const float n = (x * 1.44269504f + shift) - shift;
+        const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln 2 = 0.693359375 − 2.12194440e-4
+        float p = 1.0f / 5040;
+        p = p * r + 1.0f / 720;
+        p = p * r + 1.0f / 120;
+        p = p * r + 1.0f / 24;
+        p = p * r + 1.0f / 6;
+        p = p * r + 0.5f;
+        p = p * r + 1.0f;
+        p = p * r + 1.0f;
+        const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+        float scale;
+        std::memcpy(&scale, &bits, sizeof scale);
+        return negligible ? 0.0f : p * scale;
+    } else {
+        return std::exp(x);
+    }
+}
+
 // d spike / d x at x = v_pre − v_th: surrogates.py's formulas.
 template <int Kind, typename S>
 inline S surrogate(S x, S alpha) {
@@ -67,8 +99,9 @@ inline S surrogate(S x, S alpha) {
         S d = alpha * std::fabs(x) + S(1);
         return S(1) / (d * d);
     } else if constexpr (Kind == kTanh) {
-        S t = std::tanh(alpha * x);
-        return S(1) - t * t;
+        // 1 − tanh²(αx) = 4e/(1 + e)² with e = e^(−2|αx|)
+        S e = exp_nonpositive(S(-2) * std::fabs(alpha * x));
+        return S(4) * e / ((S(1) + e) * (S(1) + e));
     } else if constexpr (Kind == kTriangle) {
         S d = S(1) - std::fabs(x);
         return alpha * (d > S(0) ? d : S(0));
@@ -77,7 +110,7 @@ inline S surrogate(S x, S alpha) {
         return alpha * alpha * alpha / (s * std::sqrt(s));
     } else if constexpr (Kind == kErfc) {
         S y = alpha * x;
-        return alpha / std::sqrt(pi) * std::exp(-(y * y));
+        return alpha / std::sqrt(pi) * exp_nonpositive(-(y * y));
     } else {
         S y = pi / S(2) * alpha * x;
         return alpha / S(2) / (S(1) + y * y);

@@ -44,15 +44,16 @@ NO_POOLING = Pooling(1, 1, 1)
 @functools.cache
 def library() -> ctypes.CDLL:
     """lif_cpu.cpp, built on first use for this CPU's vector instructions (IEEE arithmetic: no contraction into fused
-    multiply-adds, so spikes equal the reference's) with OpenMP, which resolves to torch's own runtime and thread
-    count."""
+    multiply-adds, so spikes equal the reference's; no errno or floating-point exception flags to keep, which would
+    stop the backward loop from vectorizing and change no result) with OpenMP, which resolves to torch's own runtime
+    and thread count."""
     from torch.utils import cpp_extension  # imported here: it takes a while and only this build needs it
 
     vector = VECTOR_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
     path = cpp_extension.load(
         "_".join(["snn_train_lif_cpu", *(flag.removeprefix("-m") for flag in vector)]),  # one build per instruction set
         sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *vector],
+        extra_cflags=["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", *vector],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
     )
