@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,14 +43,27 @@ class Pooling:
 NO_POOLING = Pooling(1, 1, 1)
 
 
+def _quietly_imported_cpp_extension() -> ModuleType:
+    """torch.utils.cpp_extension, imported here (it takes a while and only this build needs it) without the warning
+    its import logs on a machine with the CUDA toolkit but no GPU ("No CUDA runtime is found, using CUDA_HOME=…"):
+    it concerns CUDA extensions, and would open every CPU run's output."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 @functools.cache
 def library() -> ctypes.CDLL:
     """lif_cpu.cpp, built on first use for this CPU's vector instructions (IEEE arithmetic: no contraction into fused
     multiply-adds, so spikes equal the reference's; no errno or floating-point exception flags to keep, which would
     stop the backward loop from vectorizing and change no result) with OpenMP, which resolves to torch's own runtime
     and thread count."""
-    from torch.utils import cpp_extension  # imported here: it takes a while and only this build needs it
-
+    cpp_extension = _quietly_imported_cpp_extension()
     vector = VECTOR_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
     path = cpp_extension.load(
         "_".join(["snn_train_lif_cpu", *(flag.removeprefix("-m") for flag in vector)]),  # one build per instruction set

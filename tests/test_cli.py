@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -195,6 +196,18 @@ def test_a_run_folder_that_cannot_be_created_is_reported_before_training(
     result = snn_train([*tiny_overrides, f"hydra.run.dir={tmp_path / 'file' / 'run'}"], tmp_path)
     assert result.returncode == 2
     assert result.stderr == f"snn-train: error: Not a directory: {tmp_path / 'file' / 'run'}\n"
+
+
+def test_a_cpu_run_with_the_cuda_toolkit_installed_does_not_open_with_a_cuda_warning(
+    tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    """Building the C++ kernels imports torch's extension tools, whose import logs "No CUDA runtime is found, using
+    CUDA_HOME=…" where CUDA_HOME (or nvcc) exists but no GPU does, as on a cluster's login node: not for a CPU run."""
+    env = {**os.environ, "CUDA_HOME": str(tmp_path)}
+    command = ["snn-train", *tiny_overrides, "train.compile=true", "train.limit_batches=1"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "CUDA" not in result.stdout + result.stderr
 
 
 def corrupt_images(raw: Path) -> None:
