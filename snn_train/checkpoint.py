@@ -23,9 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from snn_train.config import flat_config
 from snn_train.errors import CheckpointError, ConfigError, write_error
-from snn_train.schema import Config
+from snn_train.schema import Config, flat_config
 
 LAST, PREVIOUS, BEST = "last.pt", "previous.pt", "best.pt"
 STATES = ("model", "optimizer", "scheduler", "average", "config", "rng")  # a checkpoint's keys besides ``loop``

@@ -2,7 +2,8 @@
 export.export_checkpoint.
 
 Each entry point runs its ``@hydra.main`` app through ``app.run_app``, which reports every error a user can cause
-as one line ``<command>: error: …`` with exit code 2.
+as one line ``<command>: error: …`` with exit code 2. The work's modules (and torch with them) are imported inside
+the apps, once Hydra has composed a config: ``--help`` and each TAB of shell completion start without them.
 """
 
 from __future__ import annotations
@@ -16,15 +17,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
 from omegaconf import OmegaConf
 
-from snn_train import distributed
 from snn_train.app import run_app
-from snn_train.config import validate, validate_eval, validate_export
 from snn_train.errors import reported
-from snn_train.export import export_checkpoint
-from snn_train.export import format_report as format_export_report
-from snn_train.report import evaluate_checkpoint, format_report
 from snn_train.schema import Config, EvalConfig, ExportConfig
-from snn_train.train import fit
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -34,6 +29,10 @@ def run(cfg: Config) -> float:
 
     Each process of a distributed run (torchrun, or a submitit job of several tasks) runs this in the same run folder.
     """
+    from snn_train import distributed
+    from snn_train.config import validate
+    from snn_train.train import fit
+
     with reported("snn-train"):
         validate(cfg)
         cfg.data.root = to_absolute_path(cfg.data.root)
@@ -48,6 +47,8 @@ def run(cfg: Config) -> float:
 
 def run_distributed() -> None:
     """``run`` in the process group, joined before Hydra starts: Hydra names the run folder after rank 0's clock."""
+    from snn_train import distributed
+
     with distributed.process_group():
         if not distributed.is_main():
             sys.argv.append("hydra.output_subdir=null")  # rank 0 writes .hydra/
@@ -62,6 +63,9 @@ def train() -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def run_eval(cfg: EvalConfig) -> float:
     """Evaluate a checkpoint, print the report and write it as eval.json beside the checkpoint; returns the accuracy."""
+    from snn_train.config import validate_eval
+    from snn_train.report import evaluate_checkpoint, format_report
+
     with reported("snn-eval"):
         validate_eval(cfg)
         cfg.checkpoint = to_absolute_path(cfg.checkpoint)
@@ -80,6 +84,10 @@ def evaluate() -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")
 def run_export(cfg: ExportConfig) -> None:
     """Write a checkpoint's network as a NIR graph (model.nir beside it by default) and print what went where."""
+    from snn_train.config import validate_export
+    from snn_train.export import export_checkpoint
+    from snn_train.export import format_report as format_export_report
+
     with reported("snn-export"):
         validate_export(cfg)
         cfg.checkpoint = to_absolute_path(cfg.checkpoint)

@@ -22,6 +22,7 @@ from snn_train.distributed import resolve_device
 from snn_train.encoders import ENCODERS, EVENT_ENCODERS
 from snn_train.errors import ConfigError
 from snn_train.lif_kernels import KERNELS, triton_runs_on
+from snn_train.schema import flat_config
 from snn_train.surrogates import SURROGATES
 from snn_train.task import DECODERS, OPTIMIZERS, PRECISIONS, SCHEDULERS, build_optimizer
 
@@ -42,22 +43,6 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
     cfg = compose("config", overrides)
     validate(cfg)
     return cfg
-
-
-def flat_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
-    """The resolved config (or a checkpoint's copy of it) as flat ``a.b.c`` keys."""
-    tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    flat: dict[str, Any] = {}
-
-    def visit(node: dict[str, Any], prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                visit(value, f"{prefix}{key}.")
-            else:
-                flat[f"{prefix}{key}"] = value
-
-    visit(tree, "")
-    return flat
 
 
 def _check(ok: bool, message: str) -> None:

@@ -1,7 +1,8 @@
-"""The config schema: types only (every value lives in configs/), registered with Hydra by ``register``.
+"""The config schema: types only (every value lives in configs/), registered with Hydra by ``register``, and
+``flat_config``, a config as flat ``a.b.c`` keys.
 
-Importing this module changes nothing; the entry points and ``config.compose`` call ``register`` before Hydra
-composes a config.
+Importing this module changes nothing and imports no torch (the commands' ``--help`` and TAB completion need only
+this, Hydra and the configs); the entry points and ``config.compose`` call ``register`` before Hydra composes a config.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
-
-from snn_train import distributed
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 @dataclass
@@ -188,6 +187,22 @@ class ExportConfig:
     input_shape: list[int] = MISSING
 
 
+def flat_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """The resolved config (or a checkpoint's copy of it) as flat ``a.b.c`` keys."""
+    tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    flat: dict[str, Any] = {}
+
+    def visit(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                visit(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    visit(tree, "")
+    return flat
+
+
 def hydra_run_dir(resume: str | None, new_dir: str) -> str:
     """``hydra.run.dir``: a resumed run continues in its own folder (``<run>/checkpoints/<file>`` or ``<run>``)."""
     path = Path(resume) if resume is not None else None
@@ -199,6 +214,8 @@ def hydra_run_dir(resume: str | None, new_dir: str) -> str:
 def run_started(pattern: str) -> str:
     """``${snn_train_now:pattern}`` in ``hydra.run.dir``: Hydra's ``now``, but rank 0's clock, so all ranks share one
     run folder."""
+    from snn_train import distributed  # imported only when a run folder is named: it imports torch
+
     return distributed.from_rank_0(datetime.now()).strftime(pattern)
 
 

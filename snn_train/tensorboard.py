@@ -15,11 +15,10 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from snn_train.config import flat_config
 from snn_train.errors import write_error
 from snn_train.model import LayerTrace
 from snn_train.progress import FinalMetrics
-from snn_train.schema import Config
+from snn_train.schema import Config, flat_config
 
 Method = TypeVar("Method", bound=Callable[..., Any])
 HISTOGRAM_SAMPLE = 2**16  # the most values a histogram is binned from

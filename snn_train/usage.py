@@ -13,16 +13,18 @@ from importlib.metadata import version
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.object_type import ObjectType
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from snn_train.config import flat_config
+from snn_train.schema import flat_config
 
 
 def version_line(command: str) -> str:
-    """``snn-train 0.1.0 (torch …, Hydra …)``: this package's installed version and those it runs on."""
+    """``snn-train 0.1.0 (torch …, Hydra …)``: this package's installed version and those it runs on (torch's as it
+    names itself, with its CUDA or CPU build tag, which its package metadata lacks)."""
+    import torch  # only here: --help and TAB completion do without it
+
     return f"{command} {version('snn-train')} (torch {torch.__version__}, Hydra {hydra.__version__})"
 
 

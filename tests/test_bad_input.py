@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from snn_train import load_config
 from snn_train.app import hydra_message, raised_in_hydra
-from snn_train.config import flat_config
 from snn_train.encoders import build_encoder
 from snn_train.errors import ConfigError
+from snn_train.schema import flat_config
 from snn_train.task import build_model, build_optimizer, build_scheduler
 
 CONFIGS = Path(__file__).parents[1] / "configs"

@@ -12,10 +12,10 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from snn_train import ConvSNN, load_config
-from snn_train.config import flat_config
 from snn_train.data import DATASETS, load_split
 from snn_train.encoders import EVENT_ENCODERS, build_encoder
 from snn_train.errors import ConfigError
+from snn_train.schema import flat_config
 from snn_train.task import build_optimizer, decode
 
 from conftest import make_mnist

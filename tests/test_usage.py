@@ -1,11 +1,14 @@
-"""``snn-train --help``, ``snn-eval --help``, ``snn-export --help`` and ``--version``, run as a user would, against
-the config files."""
+"""``snn-train --help``, ``snn-eval --help``, ``snn-export --help``, ``--version`` and shell completion, run as a user
+would, against the config files."""
 
 from __future__ import annotations
 
+import ast
 import functools
+import os
 import re
 import subprocess
+import sys
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,8 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from snn_train.config import compose, flat_config
+from snn_train.config import compose
+from snn_train.schema import flat_config
 
 pytestmark = pytest.mark.slow  # each test starts a command (snn-train, snn-eval, snn-export) as a process
 
@@ -123,3 +127,33 @@ def test_version_names_the_package_torch_and_hydra_versions(command: str) -> Non
     result = subprocess.run([command, "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{command} {version('snn-train')} (torch {torch.__version__}, Hydra {hydra.__version__})\n"
+
+
+@pytest.mark.parametrize(
+    "command, line, completions",
+    [
+        ("snn-train", "snn-train model=t", "model=tanh model=triangle"),
+        ("snn-train", "snn-train train.ep", "train.epochs="),
+        ("snn-eval", "snn-eval data=k", "data=kmnist"),
+    ],
+)
+def test_tab_completion_offers_the_configs_without_loading_the_training_code(
+    command: str, line: str, completions: str
+) -> None:
+    """What bash's TAB asks (``-sc query=bash`` with COMP_LINE, as Hydra's installed completion does), answered
+    without importing the modules that train, evaluate or check a config: each TAB starts the command afresh."""
+    entry = {"snn-train": "train", "snn-eval": "evaluate"}[command]
+    program = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print(sorted(m for m in sys.modules if m.startswith('snn_train')), file=sys.stderr))\n"
+        f"sys.argv = [{command!r}, '-sc', 'query=bash']\n"
+        f"from snn_train.cli import {entry}\n"
+        f"{entry}()\n"
+    )
+    env = {**os.environ, "COMP_LINE": line, "COMP_POINT": str(len(line))}
+    result = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == completions.split()
+    loaded = ast.literal_eval(result.stderr.strip().splitlines()[-1])
+    assert {"snn_train.cli", "snn_train.schema", "snn_train.usage"} <= set(loaded)
+    assert not {"snn_train.config", "snn_train.train", "snn_train.report", "snn_train.model"} & set(loaded)
