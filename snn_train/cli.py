@@ -2,14 +2,15 @@
 export.export_checkpoint.
 
 Each entry point runs its ``@hydra.main`` app through ``app.run_app``, which reports every error a user can cause
-as one line ``<command>: error: …`` with exit code 2. The work's modules (and torch with them) are imported inside
-the apps, once Hydra has composed a config: ``--help`` and each TAB of shell completion start without them.
+as one line ``<command>: error: …`` with exit code 2. The work's modules are imported inside the apps, once Hydra
+has composed a config: ``--help`` and each TAB of shell completion start without them, and without torch.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from importlib import import_module
 from pathlib import Path
 
 import hydra
@@ -19,6 +20,7 @@ from omegaconf import OmegaConf
 
 from snn_train.app import run_app
 from snn_train.errors import reported
+from snn_train.launch import several_processes
 from snn_train.schema import Config, EvalConfig, ExportConfig
 
 
@@ -46,9 +48,17 @@ def run(cfg: Config) -> float:
 
 
 def run_distributed() -> None:
-    """``run`` in the process group, joined before Hydra starts: Hydra names the run folder after rank 0's clock."""
+    """``run`` in the process group, joined before Hydra starts: Hydra names the run folder after rank 0's clock. A
+    single process goes straight to Hydra, without torch until a config is composed (``--help``, TAB completion)."""
+    if not several_processes():
+        run()
+        return
     from snn_train import distributed
 
+    # The training code (torchvision, torch._dynamo with it) before the group is joined, as ranks always started:
+    # imported once the group was up, a rank aborted now and then at exit ("terminate called without an active
+    # exception", about 1 run in 12 of tests/test_nmnist.py's torchrun test).
+    import_module("snn_train.train")
     with distributed.process_group():
         if not distributed.is_main():
             sys.argv.append("hydra.output_subdir=null")  # rank 0 writes .hydra/

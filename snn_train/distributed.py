@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from snn_train.errors import ConfigError
+from snn_train.launch import several_processes
 
 T = TypeVar("T")
 
@@ -38,16 +39,6 @@ def resolve_device(device: str, key: str = "train.device") -> torch.device:
     return resolved
 
 
-def export_submitit_environment() -> None:
-    """In a submitit SLURM job of several tasks, set torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*)."""
-    if "RANK" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
-        return
-    import submitit  # the slurm extra; present whenever submitit launched this process
-
-    if submitit.JobEnvironment().num_tasks > 1:
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-
-
 @contextmanager
 def process_group() -> Iterator[None]:
     """Join the process group for the time of the block, when the environment asks for more than one process.
@@ -56,8 +47,7 @@ def process_group() -> Iterator[None]:
     sees, if SLURM gives each task one). Inside an existing group (the CLI opens one before Hydra starts) it does
     nothing.
     """
-    export_submitit_environment()
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if dist.is_initialized() or not several_processes():
         yield
         return
     if torch.cuda.is_available():

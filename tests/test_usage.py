@@ -137,15 +137,17 @@ def test_version_names_the_package_torch_and_hydra_versions(command: str) -> Non
         ("snn-eval", "snn-eval data=k", "data=kmnist"),
     ],
 )
-def test_tab_completion_offers_the_configs_without_loading_the_training_code(
+def test_tab_completion_offers_the_configs_without_loading_torch_or_the_training_code(
     command: str, line: str, completions: str
 ) -> None:
     """What bash's TAB asks (``-sc query=bash`` with COMP_LINE, as Hydra's installed completion does), answered
-    without importing the modules that train, evaluate or check a config: each TAB starts the command afresh."""
+    without importing torch or the modules that train, evaluate or check a config: each TAB starts the command
+    afresh."""
     entry = {"snn-train": "train", "snn-eval": "evaluate"}[command]
     program = (
         "import atexit, sys\n"
-        "atexit.register(lambda: print(sorted(m for m in sys.modules if m.startswith('snn_train')), file=sys.stderr))\n"
+        "ours = lambda: sorted(m for m in sys.modules if m.startswith(('snn_train', 'torch')))\n"
+        "atexit.register(lambda: print(ours(), file=sys.stderr))\n"
         f"sys.argv = [{command!r}, '-sc', 'query=bash']\n"
         f"from snn_train.cli import {entry}\n"
         f"{entry}()\n"
@@ -156,4 +158,4 @@ def test_tab_completion_offers_the_configs_without_loading_the_training_code(
     assert result.stdout.split() == completions.split()
     loaded = ast.literal_eval(result.stderr.strip().splitlines()[-1])
     assert {"snn_train.cli", "snn_train.schema", "snn_train.usage"} <= set(loaded)
-    assert not {"snn_train.config", "snn_train.train", "snn_train.report", "snn_train.model"} & set(loaded)
+    assert not {"torch", "snn_train.config", "snn_train.train", "snn_train.report", "snn_train.model"} & set(loaded)
