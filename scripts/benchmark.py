@@ -16,6 +16,9 @@ the choice a sweep such as ``snn-train -m model=super,tanh`` makes.
 ``launches_per_step`` counts, on the CPU, the kernels one training step (forward, backward, Adam) launches on the
 CUDA path with model.kernel=triton and with model.kernel=torch: see LaunchCounter.
 
+What cannot be measured (a library not installed, a variant that fails) is None in the report, with its reason under
+``unmeasured``; the rest stands. The exit status is 1 where something failed, 0 where at most a library is missing.
+
 Usage: python scripts/benchmark.py [--seq-length 16] [--batch-size 32] [--threads 2] [--device cpu] [--json FILE]
                                   [--growth 8 16 32 64]
 """
@@ -23,6 +26,7 @@ Usage: python scripts/benchmark.py [--seq-length 16] [--batch-size 32] [--thread
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import os
@@ -43,6 +47,7 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from snn_train.allocator import keep_freed_memory
+from snn_train.lif_kernels import interpreter_defect
 from snn_train.surrogates import SURROGATES
 
 VARIANTS = (
@@ -273,6 +278,8 @@ def count_launches(kernel: str, args: argparse.Namespace) -> int:
     """Kernels one training step (forward, backward, fused Adam, after a first step) launches on the CUDA path with
     model.kernel=``kernel`` (triton or torch), counted in this process on the CPU: the Triton kernels run under
     Triton's interpreter (TRITON_INTERPRET=1 must be set before snn_train.triton_lif is imported)."""
+    if kernel == "triton" and interpreter_defect():
+        sys.exit(f"benchmark.py: cannot count the Triton kernels' launches: {interpreter_defect()}")
     counter = LaunchCounter()
     with ExitStack() as patches:
         patches.enter_context(mock.patch("torch.compile", lambda step, **_: counter.one_launch(step)))
@@ -376,6 +383,10 @@ def data_and_encoding_ms(args: argparse.Namespace, device: torch.device) -> floa
     return 1000 * statistics.median(times[args.warmup :])
 
 
+class Unmeasured(Exception):
+    """A figure that could not be taken; the message says why in one line."""
+
+
 def run_in_subprocess(
     variant: str,
     args: argparse.Namespace,
@@ -383,7 +394,8 @@ def run_in_subprocess(
     options: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
 ) -> Any:
-    """What ``--variant`` (or another of ``options``) prints in a fresh process; None for a library not installed."""
+    """What ``--variant`` (or another of ``options``) prints in a fresh process. Raises Unmeasured where the variant's
+    library is not installed or the process fails (its error output then goes to ours)."""
     command = [
         sys.executable,
         __file__,
@@ -406,9 +418,21 @@ def run_in_subprocess(
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         if variant in OPTIONAL and f"No module named '{OPTIONAL[variant]}'" in done.stderr:
-            return None
-        raise RuntimeError(f"{variant} failed:\n{done.stderr}")
+            raise Unmeasured(f"{OPTIONAL[variant]} not installed")
+        sys.stderr.write(f"{variant} {' '.join(options)} failed:\n{done.stderr}")
+        lines = done.stderr.strip().splitlines()
+        raise Unmeasured(f"failed: {lines[-1] if lines else f'exit status {done.returncode}'}")
     return json.loads(done.stdout.splitlines()[-1])
+
+
+def measured(unmeasured: dict[str, str], name: str, measure: Callable[[], Any]) -> Any:
+    """``measure()``, or None with the reason under ``name`` in ``unmeasured``: one part that cannot run (an anchor's
+    backend on some GPU, say) leaves the rest of the report standing."""
+    try:
+        return measure()
+    except Unmeasured as reason:
+        unmeasured[name] = str(reason)
+        return None
 
 
 def cpu_model() -> str:
@@ -420,26 +444,144 @@ def cpu_model() -> str:
         return platform.processor() or "unknown"
 
 
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return None if numerator is None or denominator is None else round(numerator / denominator, 2)
+
+
 def ratios(results: dict[str, Any]) -> dict[str, float | None]:
     """The figures the targets are stated in: step time over the ANN limit's (fp32, bf16), throughput and peak memory
-    against Norse's (None without Norse)."""
+    against Norse's, throughput against SpikingJelly's (None where a variant was not measured)."""
     ms = {variant: result and result["train_step_ms"] for variant, result in results.items()}
     memory = {variant: result and result["peak_memory_mb"] for variant, result in results.items()}
     return {
-        "fp32_step_over_ann_limit": round(ms["snn_train_fp32"] / ms["ann_limit_fp32"], 2),
-        "bf16_step_over_ann_limit_bf16": round(ms["snn_train_bf16"] / ms["ann_limit_bf16"], 2),
-        "fp32_speed_over_norse": ms["norse"] and round(ms["norse"] / ms["snn_train_fp32"], 2),
-        "fp32_peak_memory_over_norse": memory["norse"] and round(memory["snn_train_fp32"] / memory["norse"], 2),
+        "fp32_step_over_ann_limit": ratio(ms["snn_train_fp32"], ms["ann_limit_fp32"]),
+        "bf16_step_over_ann_limit_bf16": ratio(ms["snn_train_bf16"], ms["ann_limit_bf16"]),
+        "fp32_speed_over_norse": ratio(ms["norse"], ms["snn_train_fp32"]),
+        "fp32_peak_memory_over_norse": ratio(memory["snn_train_fp32"], memory["norse"]),
+        "fp32_speed_over_spikingjelly": ratio(ms["spikingjelly"], ms["snn_train_fp32"]),
     }
 
 
-def launches_per_step(args: argparse.Namespace) -> dict[str, int]:
-    """count_launches for both kernel choices, each in a fresh process under Triton's interpreter."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+def figure(result: dict[str, float] | None, key: str, digits: int = 1) -> float | None:
+    return None if result is None else round(result[key], digits)
+
+
+def measure_all(args: argparse.Namespace, unmeasured: dict[str, str]) -> dict[str, Any]:
+    """Every variant, the launch counts (in fresh processes under Triton's interpreter), snn_train_fp32 per surrogate
+    and per T of the memory table; what could not be measured is None, with its reason in ``unmeasured``."""
+    cuda = torch.device(args.device).type == "cuda"
+    interpreted = {**os.environ, "TRITON_INTERPRET": "1"}
+    fp32 = functools.partial(run_in_subprocess, "snn_train_fp32", args)
     return {
-        f"cuda_{kernel}": run_in_subprocess("snn_train_fp32", args, args.seq_length, ("--count-launches", kernel), env)
-        for kernel in ("triton", "torch")
+        "variants": {
+            variant: measured(unmeasured, variant, functools.partial(run_in_subprocess, variant, args, args.seq_length))
+            for variant in VARIANTS
+            if cuda or variant not in CUDA_ONLY
+        },
+        "launches": {
+            f"cuda_{kernel}": measured(
+                unmeasured,
+                f"launches_per_step.cuda_{kernel}",
+                functools.partial(fp32, args.seq_length, ("--count-launches", kernel), interpreted),
+            )
+            for kernel in ("triton", "torch")
+        },
+        "by_surrogate": {
+            name: measured(
+                unmeasured, f"surrogate {name}", functools.partial(fp32, args.seq_length, ("--surrogate", name))
+            )
+            for name in sorted(SURROGATES)
+        },
+        "growth": {str(T): measured(unmeasured, f"T={T}", functools.partial(fp32, T)) for T in args.growth},
     }
+
+
+def report_of(args: argparse.Namespace, measures: dict[str, Any], unmeasured: dict[str, str]) -> dict[str, Any]:
+    """The JSON report: configuration, the ratios, each figure per variant, the tables, and what was not measured."""
+    results, fp32 = measures["variants"], measures["variants"]["snn_train_fp32"]
+    report = {
+        "config": {
+            "seq_length": args.seq_length,
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+            "device": args.device,
+            "cpu": cpu_model(),
+            "bf16_native": torch.ops.mkldnn._is_mkldnn_bf16_supported(),  # oneDNN: AVX512-BF16 or AMX on the CPU
+            "load_average": [round(load, 2) for load in os.getloadavg()],  # 1, 5, 15 min, at the end: other work
+        },
+        "ratios": ratios(results),
+        **{
+            name: {k: figure(v, name, digits) for k, v in results.items()}
+            for name, digits in (
+                ("train_step_ms", 1),
+                ("samples_per_s", 1),
+                ("peak_memory_mb", 1),
+                ("page_faults_per_step", 0),
+                ("first_step_s", 1),
+            )
+        },
+        "inference_samples_per_s": figure(fp32, "inference_samples_per_s"),
+        "data_and_encoding_ms": figure(fp32, "data_and_encoding_ms", 2),
+        "memory_by_seq_length": {
+            T: r and {"train_step_ms": figure(r, "train_step_ms"), "peak_memory_mb": figure(r, "peak_memory_mb")}
+            for T, r in measures["growth"].items()
+        },
+        "train_step_ms_by_surrogate": {k: figure(r, "train_step_ms") for k, r in measures["by_surrogate"].items()},
+        "launches_per_step": measures["launches"],
+        "unmeasured": unmeasured,
+    }
+    if torch.device(args.device).type == "cuda":
+        report["config"]["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+        report["cuda_kernels_per_step"] = {k: v and v["cuda_kernels_per_step"] for k, v in results.items()}
+    return report
+
+
+def column(value: float | None, width: int) -> str:
+    return f"{value:>{width}.2f}" if value is not None else f"{'-':>{width}}"
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """The report as tables, for a reader."""
+    config, ms = report["config"], report["train_step_ms"]
+    limit, norse = ms["ann_limit_fp32"], ms["norse"]
+    print(
+        f"T={config['seq_length']} B={config['batch_size']} threads={config['threads']} device={config['device']}, "
+        f"{config.get('gpu', config['cpu'])}"
+    )
+    print(f"bf16 in hardware: {config['bf16_native']}; load average at the end: {config['load_average']}")
+    print(
+        f"{'variant':<26}{'ms/step':>9}{'samples/s':>11}{'peak MB':>9}{'faults/step':>13}"
+        f"{'× ANN limit':>13}{'× Norse speed':>15}"
+    )
+    for variant, step_ms in ms.items():
+        if step_ms is None:
+            print(f"{variant:<26}  ({report['unmeasured'][variant]})")
+            continue
+        print(
+            f"{variant:<26}{step_ms:>9.1f}{report['samples_per_s'][variant]:>11.1f}"
+            f"{report['peak_memory_mb'][variant]:>9.0f}{report['page_faults_per_step'][variant]:>13.0f}"
+            f"{column(ratio(step_ms, limit), 13)}{column(ratio(norse, step_ms), 15)}"
+        )
+    print("ratios:", ", ".join(f"{name} {value}" for name, value in report["ratios"].items()))
+    data_ms, fp32_ms = report["data_and_encoding_ms"], ms["snn_train_fp32"]
+    if data_ms is not None:
+        print(f"data + encoding: {data_ms:.2f} ms per batch = {100 * data_ms / fp32_ms:.1f} % of the fp32 step")
+        print(
+            f"first snn_train_fp32 step (includes building the C++ LIF kernels, or loading them from the cache): "
+            f"{report['first_step_s']['snn_train_fp32']:.1f} s"
+        )
+        print(f"inference (no_grad, eval): {report['inference_samples_per_s']:.0f} samples/s")
+    for T, r in report["memory_by_seq_length"].items():
+        print(f"T={T:>3}: " + (f"{r['train_step_ms']:8.1f} ms/step, peak {r['peak_memory_mb']:7.0f} MB" if r else "-"))
+    by_surrogate = report["train_step_ms_by_surrogate"]
+    print(
+        "snn_train_fp32 by surrogate (model=<name>):", ", ".join(f"{k} {v or '-'} ms" for k, v in by_surrogate.items())
+    )
+    print(f"kernel launches per training step on the CUDA path (counted on the CPU): {report['launches_per_step']}")
+    if "cuda_kernels_per_step" in report:
+        print(f"kernels, copies and fills per step on this GPU (profiler): {report['cuda_kernels_per_step']}")
+    for name, reason in report["unmeasured"].items():
+        print(f"not measured: {name}: {reason}")
 
 
 def main() -> None:
@@ -464,82 +606,14 @@ def main() -> None:
         print(json.dumps(time_variant(args.variant, args)))
         return
 
-    cuda = torch.device(args.device).type == "cuda"
-    results = {
-        variant: run_in_subprocess(variant, args, args.seq_length)
-        for variant in VARIANTS
-        if cuda or variant not in CUDA_ONLY
-    }
-    launches = launches_per_step(args)
-    by_surrogate = {
-        name: run_in_subprocess("snn_train_fp32", args, args.seq_length, ("--surrogate", name))["train_step_ms"]
-        for name in sorted(SURROGATES)
-    }
-    growth = {str(T): run_in_subprocess("snn_train_fp32", args, T) for T in args.growth}
-    report = {
-        "config": {
-            "seq_length": args.seq_length,
-            "batch_size": args.batch_size,
-            "threads": args.threads,
-            "device": args.device,
-            "cpu": cpu_model(),
-            "bf16_native": torch.ops.mkldnn._is_mkldnn_bf16_supported(),  # oneDNN: AVX512-BF16 or AMX on the CPU
-            "load_average": [round(load, 2) for load in os.getloadavg()],  # 1, 5, 15 min, at the end: other work
-        },
-        "ratios": ratios(results),
-        "train_step_ms": {k: v and round(v["train_step_ms"], 1) for k, v in results.items()},
-        "samples_per_s": {k: v and round(v["samples_per_s"], 1) for k, v in results.items()},
-        "peak_memory_mb": {k: v and round(v["peak_memory_mb"], 1) for k, v in results.items()},
-        "page_faults_per_step": {k: v and round(v["page_faults_per_step"]) for k, v in results.items()},
-        "inference_samples_per_s": round(results["snn_train_fp32"]["inference_samples_per_s"], 1),
-        "data_and_encoding_ms": round(results["snn_train_fp32"]["data_and_encoding_ms"], 2),
-        "first_step_s": {k: v and round(v["first_step_s"], 1) for k, v in results.items()},
-        "memory_by_seq_length": {
-            T: {"train_step_ms": round(r["train_step_ms"], 1), "peak_memory_mb": round(r["peak_memory_mb"], 1)}
-            for T, r in growth.items()
-        },
-        "train_step_ms_by_surrogate": {name: round(ms, 1) for name, ms in by_surrogate.items()},
-        "launches_per_step": launches,
-    }
-    if cuda:
-        report["cuda_kernels_per_step"] = {k: v and v["cuda_kernels_per_step"] for k, v in results.items()}
-    limit, norse = results["ann_limit_fp32"]["train_step_ms"], results["norse"] and results["norse"]["train_step_ms"]
-    config = report["config"]
-    print(f"T={args.seq_length} B={args.batch_size} threads={args.threads} device={args.device}, {config['cpu']}")
-    print(f"bf16 in hardware: {config['bf16_native']}; load average at the end: {config['load_average']}")
-    print(
-        f"{'variant':<26}{'ms/step':>9}{'samples/s':>11}{'peak MB':>9}{'faults/step':>13}"
-        f"{'× ANN limit':>13}{'× Norse speed':>15}"
-    )
-    for variant, r in results.items():
-        if r is None:
-            print(f"{variant:<26}{f'({OPTIONAL[variant]} not installed)':>30}")
-            continue
-        speedup = f"{norse / r['train_step_ms']:.2f}" if norse else "-"
-        print(
-            f"{variant:<26}{r['train_step_ms']:>9.1f}{r['samples_per_s']:>11.1f}{r['peak_memory_mb']:>9.0f}"
-            f"{r['page_faults_per_step']:>13.0f}{r['train_step_ms'] / limit:>13.2f}{speedup:>15}"
-        )
-    print("ratios:", ", ".join(f"{name} {value}" for name, value in report["ratios"].items()))
-    data_ms = report["data_and_encoding_ms"]
-    print(
-        f"data + encoding: {data_ms:.2f} ms per batch = "
-        f"{100 * data_ms / results['snn_train_fp32']['train_step_ms']:.1f} % of the fp32 step"
-    )
-    print(
-        f"first snn_train_fp32 step (includes building the C++ LIF kernels, or loading them from the cache): "
-        f"{report['first_step_s']['snn_train_fp32']:.1f} s"
-    )
-    print(f"inference (no_grad, eval): {report['inference_samples_per_s']:.0f} samples/s")
-    for T, r in report["memory_by_seq_length"].items():
-        print(f"T={T:>3}: {r['train_step_ms']:8.1f} ms/step, peak {r['peak_memory_mb']:7.0f} MB")
-    print("snn_train_fp32 by surrogate (model=<name>):", ", ".join(f"{k} {v:.1f} ms" for k, v in by_surrogate.items()))
-    print(f"kernel launches per training step on the CUDA path (counted on the CPU): {launches}")
-    if cuda:
-        print(f"kernels, copies and fills per step on this GPU (profiler): {report['cuda_kernels_per_step']}")
+    unmeasured: dict[str, str] = {}
+    report = report_of(args, measure_all(args, unmeasured), unmeasured)
+    print_report(report)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+    failed = [name for name, reason in unmeasured.items() if reason.startswith("failed")]  # not: a library missing
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ The forward kernel walks each block of neurons through all T steps with v and i 
 current and writes each spike once; the backward kernel recomputes the voltages from the currents (the same
 arithmetic, so exactly) and runs the pass through time in reverse. Nothing but the currents is kept for backward.
 The source is plain C++ called through ctypes: no torch headers, so the first build takes about a second; it is
-cached (``TORCH_EXTENSIONS_DIR``, by default ~/.cache/torch_extensions) and rebuilt when the source changes.
+cached (``TORCH_EXTENSIONS_DIR``, by default ~/.cache/torch_extensions) and rebuilt when the source changes, one
+build folder per instruction set and torch version.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -57,6 +59,14 @@ def _quietly_imported_cpp_extension() -> ModuleType:
     return cpp_extension
 
 
+def build_name(vector: list[str]) -> str:
+    """The build's name, and its folder's: one per instruction set and torch version. Two environments with different
+    torch versions share the cache: torch 2.14 leaves its build lock's file in the folder, and torch 2.11, which waits
+    while such a file exists, would wait there forever."""
+    torch_version = re.sub(r"\W", "_", torch.__version__)
+    return "_".join(["snn_train_lif_cpu", *(flag.removeprefix("-m") for flag in vector), f"torch{torch_version}"])
+
+
 @functools.cache
 def library() -> ctypes.CDLL:
     """lif_cpu.cpp, built on first use for this CPU's vector instructions (IEEE arithmetic: no contraction into fused
@@ -66,7 +76,7 @@ def library() -> ctypes.CDLL:
     cpp_extension = _quietly_imported_cpp_extension()
     vector = VECTOR_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
     path = cpp_extension.load(
-        "_".join(["snn_train_lif_cpu", *(flag.removeprefix("-m") for flag in vector)]),  # one build per instruction set
+        build_name(vector),
         sources=[str(SOURCE)],
         extra_cflags=["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", *vector],
         extra_ldflags=["-fopenmp"],

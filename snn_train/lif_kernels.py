@@ -9,8 +9,10 @@ CPU tensors under Triton's interpreter), ``auto`` Triton's on a CUDA GPU and tor
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import os
+import re
 from collections.abc import Callable
 
 import torch
@@ -23,10 +25,32 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def interpreter_defect_of(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run the kernels with these versions, or None. Before Triton 3.7 the interpreter
+    holds each integer argument as a one-element array and reads a loop bound from it with int(), which NumPy refuses
+    from 2.4 on (triton-lang/triton#9171); the kernels loop over T, an argument."""
+    triton, numpy = (tuple(map(int, re.match(r"(\d+)\.(\d+)", v).groups())) for v in (triton_version, numpy_version))
+    if triton < (3, 7) and numpy >= (2, 4):
+        return (
+            f"Triton {triton_version}'s interpreter fails under NumPy {numpy_version} (triton-lang/triton#9171, "
+            "fixed in Triton 3.7): install triton>=3.7 or numpy<2.4"
+        )
+    return None
+
+
+def interpreter_defect() -> str | None:
+    """interpreter_defect_of the installed Triton and NumPy (None without Triton)."""
+    if not _triton_installed():
+        return None
+    return interpreter_defect_of(*map(importlib.metadata.version, ("triton", "numpy")))
+
+
 def triton_runs_on(device: torch.device) -> bool:
     """Whether the Triton LIF kernels can run on ``device``: Triton installed, and a CUDA GPU or, for CPU tensors,
-    Triton's interpreter (TRITON_INTERPRET=1)."""
-    return _triton_installed() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    Triton's interpreter (TRITON_INTERPRET=1) where it has no interpreter_defect."""
+    if not _triton_installed():
+        return False
+    return device.type == "cuda" or (os.environ.get("TRITON_INTERPRET") == "1" and interpreter_defect() is None)
 
 
 # (currents, p, record_voltage, compiled, tau_mem_inv, v_th, pool) → (spikes, max-pooled if pool > 1, and voltages or

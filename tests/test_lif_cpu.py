@@ -191,3 +191,10 @@ def test_a_failed_build_is_one_config_error_naming_the_way_out(monkeypatch, tmp_
     finally:
         lif_cpu.library.cache_clear()
     assert "\n" not in str(error.value)
+
+
+def test_each_torch_version_builds_in_a_folder_of_its_own() -> None:
+    """A folder shared with another torch version can hold what that version leaves there: torch 2.14.1 leaves its
+    build lock's file, and torch 2.11.0, which waits while that file exists, waited forever on it here."""
+    folder = Path(lif_cpu.library()._name).parent
+    assert folder.name.endswith("_torch" + torch.__version__.replace(".", "_").replace("+", "_"))

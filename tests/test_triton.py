@@ -10,7 +10,7 @@ import torch
 
 from snn_train import ConvSNN, LIFParameters, LIParameters, load_config
 from snn_train.errors import ConfigError
-from snn_train.lif_kernels import triton_runs_on
+from snn_train.lif_kernels import interpreter_defect, interpreter_defect_of, triton_runs_on
 from snn_train.model import convolve_over_time
 from snn_train.neurons import lif_sequence_reference
 from snn_train.surrogates import SURROGATES
@@ -18,7 +18,9 @@ from snn_train.surrogates import SURROGATES
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = [
     pytest.mark.triton,
-    pytest.mark.skipif(not triton_runs_on(DEVICE), reason="needs Triton and a CUDA GPU or TRITON_INTERPRET=1"),
+    pytest.mark.skipif(
+        not triton_runs_on(DEVICE), reason=interpreter_defect() or "needs Triton and a CUDA GPU or TRITON_INTERPRET=1"
+    ),
 ]
 
 # v_leak ≠ 0 and v_reset ≠ 0, v_th between them; a sequence drives some neurons across the threshold
@@ -227,6 +229,16 @@ TRITON, TORCH = "_TritonLIFSequenceBackward", "_FusedLIFSequenceBackward"
 def test_model_kernel_chooses_the_kernels(kernel: str, node: str) -> None:
     currents = currents_of(4, (2, 30)).requires_grad_()
     assert network(kernel).fc_lifs[0](currents).grad_fn.name() == node
+
+
+@pytest.mark.parametrize(
+    "triton, numpy, defect",
+    [("3.6.0", "2.4.0", True), ("3.5.1", "2.5.2", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.5.2", False)],
+)
+def test_the_interpreter_is_refused_where_numpy_breaks_it(triton: str, numpy: str, defect: bool) -> None:
+    """Triton 3.6.0's interpreter with NumPy 2.4.6 failed every kernel launch here ("only 0-dimensional arrays can be
+    converted to Python scalars"), and ran them with NumPy 2.3.5; Triton 3.7.0's reads the loop bound with squeeze()."""
+    assert (interpreter_defect_of(triton, numpy) is not None) == defect
 
 
 def test_triton_where_it_cannot_run_is_refused_naming_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
