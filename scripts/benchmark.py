@@ -11,7 +11,7 @@ Norse and SpikingJelly (its multi-step LIF neuron on the same network) are left 
 on CUDA ``snn_train_torch_kernels`` times snn-train with model.kernel=torch.
 
 ``train_step_ms_by_surrogate`` times snn_train_fp32 once per surrogate (``model=<name>``: the surrogate and its α),
-the choice a sweep such as ``snn-train -m model=super,tanh`` makes.
+the choice a sweep such as ``snn-train -m model=super,tanh`` makes; the default's entry is snn_train_fp32's figure.
 
 ``launches_per_step`` counts, on the CPU, the kernels one training step (forward, backward, Adam) launches on the
 CUDA path with model.kernel=triton and with model.kernel=torch: see LaunchCounter.
@@ -468,16 +468,21 @@ def figure(result: dict[str, float] | None, key: str, digits: int = 1) -> float 
 
 def measure_all(args: argparse.Namespace, unmeasured: dict[str, str]) -> dict[str, Any]:
     """Every variant, the launch counts (in fresh processes under Triton's interpreter), snn_train_fp32 per surrogate
-    and per T of the memory table; what could not be measured is None, with its reason in ``unmeasured``."""
+    and per T of the memory table; what could not be measured is None, with its reason in ``unmeasured``. The default
+    surrogate's entry and the table's entry at ``--seq-length`` are snn_train_fp32's own figures: the same command."""
+    from snn_train import load_config
+
     cuda = torch.device(args.device).type == "cuda"
     interpreted = {**os.environ, "TRITON_INTERPRET": "1"}
     fp32 = functools.partial(run_in_subprocess, "snn_train_fp32", args)
+    variants = {
+        variant: measured(unmeasured, variant, functools.partial(run_in_subprocess, variant, args, args.seq_length))
+        for variant in VARIANTS
+        if cuda or variant not in CUDA_ONLY
+    }
+    default_surrogate = load_config([]).model.surrogate
     return {
-        "variants": {
-            variant: measured(unmeasured, variant, functools.partial(run_in_subprocess, variant, args, args.seq_length))
-            for variant in VARIANTS
-            if cuda or variant not in CUDA_ONLY
-        },
+        "variants": variants,
         "launches": {
             f"cuda_{kernel}": measured(
                 unmeasured,
@@ -487,12 +492,19 @@ def measure_all(args: argparse.Namespace, unmeasured: dict[str, str]) -> dict[st
             for kernel in ("triton", "torch")
         },
         "by_surrogate": {
-            name: measured(
+            name: variants["snn_train_fp32"]
+            if name == default_surrogate
+            else measured(
                 unmeasured, f"surrogate {name}", functools.partial(fp32, args.seq_length, ("--surrogate", name))
             )
             for name in sorted(SURROGATES)
         },
-        "growth": {str(T): measured(unmeasured, f"T={T}", functools.partial(fp32, T)) for T in args.growth},
+        "growth": {
+            str(T): variants["snn_train_fp32"]
+            if T == args.seq_length
+            else measured(unmeasured, f"T={T}", functools.partial(fp32, T))
+            for T in args.growth
+        },
     }
 
 

@@ -101,6 +101,9 @@ def test_every_variant_runs_a_step_and_the_report_has_every_figure(tmp_path: Pat
         ms["snn_train_fp32"] / ms["ann_limit_fp32"], 0.05
     )
     assert set(report["memory_by_seq_length"]) == {"2", "3"}
+    # at --seq-length, and for the default surrogate, the command is snn_train_fp32's: its figure, not a second run
+    assert report["memory_by_seq_length"]["2"]["train_step_ms"] == ms["snn_train_fp32"]
+    assert report["train_step_ms_by_surrogate"]["super"] == ms["snn_train_fp32"]
     assert set(report["launches_per_step"]) == {"cuda_triton", "cuda_torch"}
     assert set(report["train_step_ms_by_surrogate"]) == set(SURROGATES)
     assert all(ms > 0 for ms in report["train_step_ms_by_surrogate"].values())
