@@ -33,10 +33,11 @@ def run(cfg: Config) -> float:
     """
     from snn_train import distributed
     from snn_train.config import validate
-    from snn_train.train import fit
 
     with reported("snn-train"):
         validate(cfg)
+        from snn_train.train import fit  # the training code once the config is checked: a bad value is told sooner
+
         cfg.data.root = to_absolute_path(cfg.data.root)
         if cfg.train.resume is not None:
             cfg.train.resume = to_absolute_path(cfg.train.resume)
@@ -55,10 +56,12 @@ def run_distributed() -> None:
         return
     from snn_train import distributed
 
-    # The training code (torchvision, torch._dynamo with it) before the group is joined, as ranks always started:
+    # The training code and torchvision (torch._dynamo with it) before the group is joined, as ranks always started:
     # imported once the group was up, a rank aborted now and then at exit ("terminate called without an active
-    # exception", about 1 run in 12 of tests/test_nmnist.py's torchrun test).
+    # exception", about 1 run in 12 of tests/test_nmnist.py's torchrun test). A single process imports torchvision
+    # only to load an image data set, once its config is checked.
     import_module("snn_train.train")
+    import_module("torchvision")
     with distributed.process_group():
         if not distributed.is_main():
             sys.argv.append("hydra.output_subdir=null")  # rank 0 writes .hydra/
@@ -74,10 +77,11 @@ def train() -> None:
 def run_eval(cfg: EvalConfig) -> float:
     """Evaluate a checkpoint, print the report and write it as eval.json beside the checkpoint; returns the accuracy."""
     from snn_train.config import validate_eval
-    from snn_train.report import evaluate_checkpoint, format_report
 
     with reported("snn-eval"):
         validate_eval(cfg)
+        from snn_train.report import evaluate_checkpoint, format_report  # once the config is checked, as in run
+
         cfg.checkpoint = to_absolute_path(cfg.checkpoint)
         if not OmegaConf.is_missing(cfg.data, "root"):
             cfg.data.root = to_absolute_path(cfg.data.root)
@@ -95,11 +99,12 @@ def evaluate() -> None:
 def run_export(cfg: ExportConfig) -> None:
     """Write a checkpoint's network as a NIR graph (model.nir beside it by default) and print what went where."""
     from snn_train.config import validate_export
-    from snn_train.export import export_checkpoint
-    from snn_train.export import format_report as format_export_report
 
     with reported("snn-export"):
         validate_export(cfg)
+        from snn_train.export import export_checkpoint  # once the config is checked, as in run
+        from snn_train.export import format_report as format_export_report
+
         cfg.checkpoint = to_absolute_path(cfg.checkpoint)
         if cfg.out is not None:
             cfg.out = to_absolute_path(cfg.out)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision import datasets
 
 from snn_train.errors import ConfigError, DataError
 from snn_train.schema import DataConfig, EventDataConfig
@@ -97,11 +96,14 @@ def _check_raw_files(raw_folder: Path, train: bool) -> None:
         check_labels(labels)
 
 
-def load_images(dataset_class: type[datasets.MNIST], data_cfg: DataConfig, train: bool, seq_length: int) -> Split:
-    """The train or test split of torchvision's ``dataset_class`` from ``data_cfg.root`` (downloading if allowed); T
-    plays no part in images."""
+def load_images(class_name: str, data_cfg: DataConfig, train: bool, seq_length: int) -> Split:
+    """The train or test split of torchvision's data set ``class_name`` from ``data_cfg.root`` (downloading if
+    allowed); T plays no part in images."""
+    from torchvision import datasets  # takes seconds to import (torch._dynamo with it): not before a config is checked
+
+    dataset_class = getattr(datasets, class_name)
     root = Path(data_cfg.root)
-    raw_folder = root / dataset_class.__name__ / "raw"
+    raw_folder = root / class_name / "raw"
     _check_raw_files(raw_folder, train)
     try:
         dataset = dataset_class(os.fspath(root), train=train, download=data_cfg.download)
@@ -109,7 +111,7 @@ def load_images(dataset_class: type[datasets.MNIST], data_cfg: DataConfig, train
         how = "the download failed" if data_cfg.download else "data.download=false"
         raise DataError(
             f"{data_cfg.name} not found in {raw_folder} and {how} ({' '.join(str(error).split())}); "
-            f"put the IDX files there or point data.root at the folder that holds {dataset_class.__name__}/raw"
+            f"put the IDX files there or point data.root at the folder that holds {class_name}/raw"
         ) from None
     return Split(dataset.data.to(torch.uint8), dataset.targets.to(torch.int64))
 
@@ -133,9 +135,9 @@ class Dataset:
 
 
 DATASETS: dict[str, Dataset] = {  # data.name → how it is loaded; configs/data/<name>.yaml
-    "mnist": Dataset(functools.partial(load_images, datasets.MNIST)),
-    "fashion_mnist": Dataset(functools.partial(load_images, datasets.FashionMNIST)),
-    "kmnist": Dataset(functools.partial(load_images, datasets.KMNIST)),
+    "mnist": Dataset(functools.partial(load_images, "MNIST")),
+    "fashion_mnist": Dataset(functools.partial(load_images, "FashionMNIST")),
+    "kmnist": Dataset(functools.partial(load_images, "KMNIST")),
     "nmnist": Dataset(load_events, events=True, schema=EventDataConfig, module="tonic", extra="events"),
 }
 

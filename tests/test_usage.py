@@ -129,6 +129,25 @@ def test_version_names_the_package_torch_and_hydra_versions(command: str) -> Non
     assert result.stdout == f"{command} {version('snn-train')} (torch {torch.__version__}, Hydra {hydra.__version__})\n"
 
 
+def run_noting_modules(arguments: list[str], env: dict[str, str] | None = None) -> tuple[int, str, set[str]]:
+    """Run the command ``arguments[0]`` (its entry point in snn_train.cli) with ``arguments`` in a fresh process: its
+    exit status, what it wrote (stdout, then stderr), and the snn_train and torch modules (torchvision too) it had
+    imported when it exited, which it writes last on stderr."""
+    entry = {"snn-train": "train", "snn-eval": "evaluate", "snn-export": "export"}[arguments[0]]
+    program = (
+        "import atexit, sys\n"
+        "ours = lambda: sorted(m for m in sys.modules if m.startswith(('snn_train', 'torch')))\n"
+        "atexit.register(lambda: print(ours(), file=sys.stderr))\n"
+        f"sys.argv = {arguments!r}\n"
+        f"from snn_train.cli import {entry}\n"
+        f"{entry}()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120)
+    *stderr, loaded = result.stderr.strip().splitlines()
+    assert result.returncode in (0, 2), result.stderr
+    return result.returncode, result.stdout + "\n".join(stderr), set(ast.literal_eval(loaded))
+
+
 @pytest.mark.parametrize(
     "command, line, completions",
     [
@@ -143,19 +162,30 @@ def test_tab_completion_offers_the_configs_without_loading_torch_or_the_training
     """What bash's TAB asks (``-sc query=bash`` with COMP_LINE, as Hydra's installed completion does), answered
     without importing torch or the modules that train, evaluate or check a config: each TAB starts the command
     afresh."""
-    entry = {"snn-train": "train", "snn-eval": "evaluate"}[command]
-    program = (
-        "import atexit, sys\n"
-        "ours = lambda: sorted(m for m in sys.modules if m.startswith(('snn_train', 'torch')))\n"
-        "atexit.register(lambda: print(ours(), file=sys.stderr))\n"
-        f"sys.argv = [{command!r}, '-sc', 'query=bash']\n"
-        f"from snn_train.cli import {entry}\n"
-        f"{entry}()\n"
-    )
     env = {**os.environ, "COMP_LINE": line, "COMP_POINT": str(len(line))}
-    result = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == completions.split()
-    loaded = ast.literal_eval(result.stderr.strip().splitlines()[-1])
-    assert {"snn_train.cli", "snn_train.schema", "snn_train.usage"} <= set(loaded)
-    assert not {"torch", "snn_train.config", "snn_train.train", "snn_train.report", "snn_train.model"} & set(loaded)
+    status, output, loaded = run_noting_modules([command, "-sc", "query=bash"], env)
+    assert status == 0
+    assert output.split() == completions.split()
+    assert {"snn_train.cli", "snn_train.schema", "snn_train.usage"} <= loaded
+    assert not {"torch", "snn_train.config", "snn_train.train", "snn_train.report", "snn_train.model"} & loaded
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["snn-train", "seq_length=0"], "snn-train: error: seq_length must be > 0, got 0;"),
+        (["snn-eval", "checkpoint=run", "batch_size=0"], "snn-eval: error: batch_size must be > 0, got 0;"),
+        (["snn-export", "checkpoint=run", "input_shape=[1,28]"], "snn-export: error: input_shape must be [channels,"),
+    ],
+)
+def test_a_value_that_cannot_work_is_told_before_the_work_and_torchvision_load(
+    arguments: list[str], message: str
+) -> None:
+    """A bad value is checked and told in one line once the config is composed, before the modules that train,
+    evaluate or export and torchvision (seconds to import, torch._dynamo with it) are loaded: the user waits for torch
+    and the check alone."""
+    status, output, loaded = run_noting_modules(arguments)
+    assert status == 2
+    assert output.startswith(message) and len(output.splitlines()) == 1
+    assert "snn_train.config" in loaded
+    assert not {"torchvision", "torch._dynamo", "snn_train.train", "snn_train.report", "snn_train.export"} & loaded
