@@ -129,10 +129,12 @@ def test_version_names_the_package_torch_and_hydra_versions(command: str) -> Non
     assert result.stdout == f"{command} {version('snn-train')} (torch {torch.__version__}, Hydra {hydra.__version__})\n"
 
 
-def run_noting_modules(arguments: list[str], env: dict[str, str] | None = None) -> tuple[int, str, set[str]]:
+def run_noting_modules(
+    arguments: list[str], env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], set[str]]:
     """Run the command ``arguments[0]`` (its entry point in snn_train.cli) with ``arguments`` in a fresh process: its
-    exit status, what it wrote (stdout, then stderr), and the snn_train and torch modules (torchvision too) it had
-    imported when it exited, which it writes last on stderr."""
+    result, and the snn_train and torch modules (torchvision too) it had imported when it exited, which it writes as
+    the last line of its stderr (taken off the result's)."""
     entry = {"snn-train": "train", "snn-eval": "evaluate", "snn-export": "export"}[arguments[0]]
     program = (
         "import atexit, sys\n"
@@ -143,9 +145,10 @@ def run_noting_modules(arguments: list[str], env: dict[str, str] | None = None) 
         f"{entry}()\n"
     )
     result = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120)
-    *stderr, loaded = result.stderr.strip().splitlines()
-    assert result.returncode in (0, 2), result.stderr
-    return result.returncode, result.stdout + "\n".join(stderr), set(ast.literal_eval(loaded))
+    *stderr, loaded = result.stderr.splitlines()
+    assert loaded.startswith("["), result.stderr
+    result.stderr = "".join(f"{line}\n" for line in stderr)
+    return result, set(ast.literal_eval(loaded))
 
 
 @pytest.mark.parametrize(
@@ -163,9 +166,9 @@ def test_tab_completion_offers_the_configs_without_loading_torch_or_the_training
     without importing torch or the modules that train, evaluate or check a config: each TAB starts the command
     afresh."""
     env = {**os.environ, "COMP_LINE": line, "COMP_POINT": str(len(line))}
-    status, output, loaded = run_noting_modules([command, "-sc", "query=bash"], env)
-    assert status == 0
-    assert output.split() == completions.split()
+    result, loaded = run_noting_modules([command, "-sc", "query=bash"], env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == completions.split()
     assert {"snn_train.cli", "snn_train.schema", "snn_train.usage"} <= loaded
     assert not {"torch", "snn_train.config", "snn_train.train", "snn_train.report", "snn_train.model"} & loaded
 
@@ -184,8 +187,8 @@ def test_a_value_that_cannot_work_is_told_before_the_work_and_torchvision_load(
     """A bad value is checked and told in one line once the config is composed, before the modules that train,
     evaluate or export and torchvision (seconds to import, torch._dynamo with it) are loaded: the user waits for torch
     and the check alone."""
-    status, output, loaded = run_noting_modules(arguments)
-    assert status == 2
-    assert output.startswith(message) and len(output.splitlines()) == 1
+    result, loaded = run_noting_modules(arguments)
+    assert result.returncode == 2
+    assert result.stdout == "" and result.stderr.startswith(message) and result.stderr.count("\n") == 1
     assert "snn_train.config" in loaded
     assert not {"torchvision", "torch._dynamo", "snn_train.train", "snn_train.report", "snn_train.export"} & loaded
