@@ -14,9 +14,10 @@ import ctypes
 import functools
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,18 +46,19 @@ class Pooling:
 NO_POOLING = Pooling(1, 1, 1)
 
 
-def _quietly_imported_cpp_extension() -> ModuleType:
-    """torch.utils.cpp_extension, imported here (it takes a while and only this build needs it) without the warning
-    its import logs on a machine with the CUDA toolkit but no GPU ("No CUDA runtime is found, using CUDA_HOME=…"):
-    it concerns CUDA extensions, and would open every CPU run's output."""
+@contextmanager
+def _quiet_cpp_extension() -> Iterator[None]:
+    """torch.utils.cpp_extension without its warnings, which would open every CPU run's output and concern code this
+    build has none of: on import, "No CUDA runtime is found, using CUDA_HOME=…" on a machine with the CUDA toolkit but
+    no GPU (CUDA extensions); on a build with a compiler other than torch's own g++, the C++ ABI check (code that
+    includes torch's headers: lif_cpu.cpp includes none). A failed build still raises, and is reported."""
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        from torch.utils import cpp_extension
+        yield
     finally:
         logger.setLevel(level)
-    return cpp_extension
 
 
 def build_name(vector: list[str]) -> str:
@@ -73,15 +75,17 @@ def library() -> ctypes.CDLL:
     multiply-adds, so spikes equal the reference's; no errno or floating-point exception flags to keep, which would
     stop the backward loop from vectorizing and change no result) with OpenMP, which resolves to torch's own runtime
     and thread count."""
-    cpp_extension = _quietly_imported_cpp_extension()
     vector = VECTOR_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
-    path = cpp_extension.load(
-        build_name(vector),
-        sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", *vector],
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-    )
+    with _quiet_cpp_extension():
+        from torch.utils import cpp_extension  # it takes a while to import, and only this build needs it
+
+        path = cpp_extension.load(
+            build_name(vector),
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", *vector],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
     lib = ctypes.CDLL(path)
     lib.lif_forward.argtypes = [_INT, _POINTER, *[_INT64] * 6, _POINTER, _POINTER, *[_DOUBLE] * 5, _INT]
     lib.lif_backward.argtypes = [
