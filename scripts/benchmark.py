@@ -13,6 +13,9 @@ on CUDA ``snn_train_torch_kernels`` times snn-train with model.kernel=torch.
 ``train_step_ms_by_surrogate`` times snn_train_fp32 once per surrogate (``model=<name>``: the surrogate and its α),
 the choice a sweep such as ``snn-train -m model=super,tanh`` makes; the default's entry is snn_train_fp32's figure.
 
+``evaluation_samples_per_s`` is snn_train_fp32's network through ``evaluation.evaluate`` at train.eval_batch_size,
+as validation, the final test and snn-eval run it (every layer traced, its spikes and synaptic operations counted).
+
 ``launches_per_step`` counts, on the CPU, the kernels one training step (forward, backward, Adam) launches on the
 CUDA path with model.kernel=triton and with model.kernel=torch: see LaunchCounter.
 
@@ -361,6 +364,7 @@ def time_variant(variant: str, args: argparse.Namespace) -> dict[str, float]:
                 loss_fn(images, labels)
             sync()
         result["inference_samples_per_s"] = args.steps * args.batch_size / (time.perf_counter() - start)
+        result["evaluation_samples_per_s"] = evaluation_samples_per_s(model, args, device)
     result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb()
     return result
 
@@ -381,6 +385,26 @@ def data_and_encoding_ms(args: argparse.Namespace, device: torch.device) -> floa
         encoder(to_unit_interval(images[index]))
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times[args.warmup :])
+
+
+def evaluation_samples_per_s(model: nn.Module, args: argparse.Namespace, device: torch.device) -> float:
+    """Samples per second through ``evaluation.evaluate`` at train.eval_batch_size, as validation, the final test and
+    snn-eval run them (every layer traced, spikes and synaptic operations counted): ``--steps`` batches of random
+    images after one batch of warm-up."""
+    from snn_train import load_config
+    from snn_train.data import Split
+    from snn_train.encoders import build_encoder
+    from snn_train.evaluation import evaluate
+
+    cfg = load_config([f"seq_length={args.seq_length}"])
+    encoder = build_encoder(cfg.encoder, cfg.seq_length).to(device)
+    size = args.steps * cfg.train.eval_batch_size
+    images = torch.randint(0, 256, (size, 28, 28), dtype=torch.uint8, device=device)
+    split = Split(images, torch.randint(0, 10, (size,), device=device))
+    evaluate(model, encoder, split, cfg.decoder, cfg.train.eval_batch_size, 1, "fp32", 0)
+    start = time.perf_counter()
+    evaluate(model, encoder, split, cfg.decoder, cfg.train.eval_batch_size, None, "fp32", 0)  # synced by its .tolist()
+    return size / (time.perf_counter() - start)
 
 
 class Unmeasured(Exception):
@@ -533,6 +557,7 @@ def report_of(args: argparse.Namespace, measures: dict[str, Any], unmeasured: di
             )
         },
         "inference_samples_per_s": figure(fp32, "inference_samples_per_s"),
+        "evaluation_samples_per_s": figure(fp32, "evaluation_samples_per_s"),
         "data_and_encoding_ms": figure(fp32, "data_and_encoding_ms", 2),
         "memory_by_seq_length": {
             T: r and {"train_step_ms": figure(r, "train_step_ms"), "peak_memory_mb": figure(r, "peak_memory_mb")}
@@ -583,6 +608,10 @@ def print_report(report: dict[str, Any]) -> None:
             f"{report['first_step_s']['snn_train_fp32']:.1f} s"
         )
         print(f"inference (no_grad, eval): {report['inference_samples_per_s']:.0f} samples/s")
+        print(
+            f"evaluation (as validation, the test and snn-eval run it, at train.eval_batch_size): "
+            f"{report['evaluation_samples_per_s']:.0f} samples/s"
+        )
     for T, r in report["memory_by_seq_length"].items():
         print(f"T={T:>3}: " + (f"{r['train_step_ms']:8.1f} ms/step, peak {r['peak_memory_mb']:7.0f} MB" if r else "-"))
     by_surrogate = report["train_step_ms_by_surrogate"]

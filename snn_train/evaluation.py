@@ -101,7 +101,7 @@ def evaluate(
             sums[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
             operations = model.synaptic_operations(trace)
             for n, name in enumerate(layers):
-                sums[1 + n] += trace[name].spikes.sum(dtype=torch.float64)
+                sums[1 + n] += torch.count_nonzero(trace[name].spikes)  # spikes are 0 or 1: their sum, exact
                 sums[1 + len(layers) + n] += operations[name].sum(dtype=torch.float64)
                 neurons[name] = trace[name].spikes[0, 0].numel()
     model.train(training)

@@ -11,15 +11,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from snn_train.lif_kernels import KERNELS
-from snn_train.neurons import LIFParameters, LIParameters, li_sequence, max_pool_over_time
+from snn_train.neurons import LIFParameters, LIParameters, li_sequence
 from snn_train.schema import ModelConfig
 
 
 @dataclass
 class LayerTrace:
-    """What one LIF layer did over a sequence: spikes and (if recorded) membrane voltages, [T, B, ...], detached."""
+    """What one LIF layer did over a sequence, [T, B, ...], detached: its spikes, the events it sends on (a conv
+    layer's spikes max-pooled, one per pooling window with a spike; an fc layer's spikes) and, if recorded, its membrane
+    voltages."""
 
     spikes: torch.Tensor
+    events: torch.Tensor
     voltage: torch.Tensor | None
 
 
@@ -72,7 +75,7 @@ class LIF(nn.Module):
         if trace is not None:
             with torch.no_grad():
                 full, voltage = run(currents, self.p, record_voltage, self.compiled, tau_mem_inv, self.v_th)
-            trace[name] = LayerTrace(full, voltage)
+            trace[name] = LayerTrace(full, spikes.detach(), voltage)
         return spikes
 
     def extra_repr(self) -> str:
@@ -236,16 +239,20 @@ class ConvSNN(nn.Module):
         return [f"conv{n + 1}" for n in range(len(self.convs))] + [f"fc{n + 1}" for n in range(len(self.fcs))]
 
     def synaptic_operations(self, trace: dict[str, LayerTrace]) -> dict[str, torch.Tensor]:
-        """Per sample [B], for each LIF layer: the events it sends on (a conv layer's after max-pooling,
-        one per pooling window with a spike) times the synapses each event drives in the next weighted layer."""
+        """Per sample [B], in float64, for each LIF layer: the events it sends on times the synapses each event drives
+        in the next weighted layer. The events are summed over the steps first, in float32 (exact: at most T per
+        neuron), then in float64, so the one pass over the large tensor is the cheapest and every count is exact."""
         targets = [*self.convs[1:], *self.fcs, self.readout_linear]
         operations = {}
-        for n, (name, target) in enumerate(zip(self.lif_layer_names(), targets)):
-            events = trace[name].spikes
-            if n < len(self.convs):
-                events = max_pool_over_time(events, self.pool_size)
-            fan_out = conv_fan_out(target, events.shape[-2:]) if isinstance(target, nn.Conv2d) else target.out_features
-            operations[name] = (events * fan_out).sum(dim=[0, *range(2, events.dim())])
+        for name, target in zip(self.lif_layer_names(), targets):
+            events = trace[name].events
+            per_neuron = events.float().sum(dim=0)  # [B, ...]: each neuron's events over the steps
+            if isinstance(target, nn.Conv2d):
+                per_position = per_neuron.sum(dim=1, dtype=torch.float64)  # [B, H, W]: over the channels
+                fan_out = conv_fan_out(target, events.shape[-2:]).double()
+                operations[name] = (per_position * fan_out).sum(dim=(1, 2))
+            else:
+                operations[name] = per_neuron.flatten(1).sum(dim=1, dtype=torch.float64) * target.out_features
         return operations
 
     def forward(

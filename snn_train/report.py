@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from snn_train.allocator import keep_freed_memory
 from snn_train.checkpoint import (
     ADDED_KEYS,
     BEST,
@@ -27,7 +28,7 @@ from snn_train.errors import CheckpointError, DataError
 from snn_train.evaluation import TestCounts, evaluate, per_class_accuracy, sample_forward
 from snn_train.model import ConvSNN
 from snn_train.schema import Config, DataConfig, EvalConfig
-from snn_train.task import seed_everything
+from snn_train.task import build_cpu_kernels, seed_everything
 from snn_train.tensorboard import RunLogger
 
 # Keys of a training config snn-eval has no use for, which a checkpoint written before they existed lacks: how the run
@@ -62,15 +63,18 @@ def training_config(file: Path, checkpoint: dict[str, Any]) -> DictConfig:
     return train_cfg
 
 
-def build_network(checkpoint: dict[str, Any], train_cfg: Config, test_set: Split, data_name: str) -> ConvSNN:
-    """The checkpoint's network for this data's image size, or DataError if the data does not fit it."""
+def build_network(
+    checkpoint: dict[str, Any], train_cfg: Config, test_set: Split, data_name: str, compiled: bool
+) -> ConvSNN:
+    """The checkpoint's network for this data's image size (with the compiled LIF kernels if ``compiled``), or
+    DataError if the data does not fit it."""
     if not len(test_set):
         raise DataError(f"the {data_name} test set is empty")
     input_shape = test_set.input_shape
     samples = "event frames" if test_set.events else "images"
     incompatible = f"{data_name} test {samples} {input_shape} do not fit the checkpoint's network"
     try:
-        model = ConvSNN.from_config(train_cfg.model, input_shape)
+        model = ConvSNN.from_config(train_cfg.model, input_shape, compiled)
         model.load_state_dict(evaluated_weights(checkpoint))
     except (ValueError, RuntimeError) as error:
         raise DataError(f"{incompatible} ({str(error).strip().splitlines()[-1].strip()})") from None
@@ -124,8 +128,10 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     data_cfg = test_data(cfg.data, train_cfg.data)
     device = resolve_device(cfg.device, "device")
     check_encoder_for_data(train_cfg.encoder.name, data_cfg.name)
+    build_cpu_kernels(cfg.compile, device, "compile")
+    keep_freed_memory()  # each batch's traces reuse warm pages, as training's steps do
     test_set = load_split(data_cfg, train=False, seq_length=train_cfg.seq_length)
-    model = build_network(checkpoint, train_cfg, test_set, data_cfg.name).to(device)
+    model = build_network(checkpoint, train_cfg, test_set, data_cfg.name, cfg.compile).to(device)
     test_set = test_set.to(device)
     encoder = build_encoder(train_cfg.encoder, train_cfg.seq_length).to(device)
     seed_everything(train_cfg.train.seed)

@@ -174,6 +174,7 @@ class EvalConfig:
     data: Any = MISSING  # name, root, download: each ??? takes the checkpoint's; data=<name> sets a data set's keys
     encoder: Any = None  # set only by data=nmnist's defaults (encoder=events); the checkpoint's encoder is the one run
     device: str = MISSING
+    compile: bool = MISSING
     batch_size: int = MISSING
     limit_batches: int | None = MISSING
     tensorboard: bool = MISSING

@@ -164,21 +164,27 @@ def encoded_shard(
 
 def build_model(cfg: Config | DictConfig, input_shape: tuple[int, ...], device: torch.device) -> ConvSNN:
     """The configured network for this data; one that cannot be built (too big, too deep for the images) is a config
-    error. With train.compile on the CPU, the C++ LIF kernels are built here, before training, so a missing compiler is
-    reported in one line."""
+    error. With train.compile on the CPU, the C++ LIF kernels are built here, before training."""
     if cfg.model.num_classes < NUM_CLASSES:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.name} has {NUM_CLASSES} classes")
     try:
         model = ConvSNN.from_config(cfg.model, input_shape, cfg.train.compile, cfg.model.kernel).to(device)
     except (ValueError, TypeError, RuntimeError) as error:  # a size torch cannot take or allocate
         raise ConfigError(f"cannot build the network from model.*: {str(error).strip().splitlines()[0]}") from None
-    if cfg.train.compile and device.type == "cpu":
-        try:
-            lif_cpu.library()
-        except (OSError, RuntimeError) as error:
-            reason = str(error).strip().splitlines()[0].split(": [")[0]  # not the compiler's command line
-            raise ConfigError(
-                f"train.compile=true builds the CPU LIF kernels with a C++ compiler and ninja, which failed "
-                f"({reason}); install them, or use train.compile=false"
-            ) from None
+    build_cpu_kernels(cfg.train.compile, device, "train.compile")
     return model
+
+
+def build_cpu_kernels(compiled: bool, device: torch.device, key: str) -> None:
+    """With compiled kernels on the CPU, build lif_cpu.cpp now (cached after the first time), before the work, so that
+    a missing compiler is one ConfigError naming ``key`` (the option that asked for them) and the way out."""
+    if not (compiled and device.type == "cpu"):
+        return
+    try:
+        lif_cpu.library()
+    except (OSError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0].split(": [")[0]  # not the compiler's command line
+        raise ConfigError(
+            f"{key}=true builds the CPU LIF kernels with a C++ compiler and ninja, which failed "
+            f"({reason}); install them, or use {key}=false"
+        ) from None

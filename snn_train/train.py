@@ -9,6 +9,7 @@ updated after each step that updates them; the train loss and accuracy stay thos
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import signal
@@ -26,7 +27,7 @@ from snn_train import distributed
 from snn_train.checkpoint import BEST, LAST, load_checkpoint, save_best, save_checkpoint
 from snn_train.data import Split, batch_indices
 from snn_train.errors import Interrupted, TrainingError
-from snn_train.evaluation import evaluate, random_states_kept, sample_forward
+from snn_train.evaluation import evaluate, sample_forward
 from snn_train.model import ConvSNN, LayerTrace
 from snn_train.progress import EpochMetrics, Evaluation, FinalMetrics, Progress, write_metrics
 from snn_train.schema import Config
@@ -378,12 +379,10 @@ def early_stop_reason(run: Run) -> str | None:
 
 
 def best_weights(run: Run) -> ConvSNN:
-    """A copy of the network holding best.pt's weights; every rank reads the file rank 0 wrote. Its initial weights
-    are drawn aside from the random states, which a finished run's checkpoint keeps for more epochs."""
-    device = run.test_set.labels.device
-    with random_states_kept(device):
-        model = ConvSNN.from_config(run.cfg.model, (1, *run.test_set.images.shape[1:])).to(device)
-    model.load_state_dict(load_checkpoint(run.run_dir / "checkpoints" / BEST, device)["model"])
+    """A copy of the evaluated network holding best.pt's weights, so it computes as that network does (its kernels,
+    device, layout) and draws nothing from the random states; every rank reads the file rank 0 wrote."""
+    model = copy.deepcopy(run.evaluated)
+    model.load_state_dict(load_checkpoint(run.run_dir / "checkpoints" / BEST, run.test_set.labels.device)["model"])
     return model
 
 

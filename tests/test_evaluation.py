@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -73,20 +74,20 @@ def test_conv_fan_out_counts_the_output_windows_covering_each_input() -> None:
 
 
 def test_synaptic_operations_match_a_hand_count() -> None:
-    # 9×9 input: conv1 k3 → 7×7 → pool 2 → 3×3 (row and column 6 dropped) → conv2 (3 channels, k2) → 2×2 → pool 2 → 1×1
-    # → fc1 (3 → 5) → readout (5 → 4).
+    # 9×9 input: conv1 k3 → 7×7 → pool 2 → 3×3 → conv2 (3 channels, k2) → 2×2 → pool 2 → 1×1 → fc1 (3 → 5) → readout
+    # (5 → 4). The events are what each layer sends on: a conv layer's pooled spikes (which test_model checks).
     net = ConvSNN((1, 9, 9), [2, 3], [3, 2], [1.0, 1.0], 2, [5], 4, False, LIF, LI)
-    conv1, conv2, fc1 = torch.zeros(2, 2, 2, 7, 7), torch.zeros(2, 2, 3, 2, 2), torch.zeros(2, 2, 5)
-    conv1[0, 0, 0, 0, 0] = 1  # pooled (0, 0), a corner of conv2's 3×3 input: 1 window × 3 channels = 3
-    conv1[0, 0, 1, 2, 3] = conv1[0, 0, 1, 3, 2] = 1  # both in pooled (1, 1), the centre: one event, 4 windows × 3 = 12
-    conv1[0, 0, 0, 6, 6] = 1  # in the row the pooling drops: 0
-    conv1[1, 0, 0, 0, 1] = 1  # pooled (0, 0) again at t=1: 3
-    conv1[1, 0, 1, 1, 2] = 1  # pooled (0, 1), an edge: 2 windows × 3 = 6
-    conv2[0, 1, 0, 0, 0] = conv2[0, 1, 0, 1, 1] = 1  # one pooled event into fc1: 5
-    conv2[1, 1, 2, 0, 1] = 1  # 5
+    conv1, conv2, fc1 = torch.zeros(2, 2, 2, 3, 3), torch.zeros(2, 2, 3, 1, 1), torch.zeros(2, 2, 5)
+    conv1[0, 0, 0, 0, 0] = 1  # a corner of conv2's 3×3 input: 1 window × 3 channels = 3
+    conv1[0, 0, 1, 1, 1] = 1  # the centre: 4 windows × 3 = 12
+    conv1[1, 0, 0, 0, 0] = 1  # the corner again at t=1: 3
+    conv1[1, 0, 1, 0, 1] = 1  # an edge: 2 windows × 3 = 6
+    conv2[0, 1, 0, 0, 0] = 1  # into fc1: 5
+    conv2[1, 1, 2, 0, 0] = 1  # 5
     fc1[0, 0, [0, 3]] = 1
     fc1[1, 0, 4] = 1  # three spikes into the 4 readout neurons: 12
-    trace = {name: LayerTrace(spikes, spikes) for name, spikes in zip(("conv1", "conv2", "fc1"), (conv1, conv2, fc1))}
+    events = {"conv1": conv1, "conv2": conv2, "fc1": fc1}
+    trace = {name: LayerTrace(torch.empty(0), layer_events, None) for name, layer_events in events.items()}
     operations = net.synaptic_operations(trace)
     assert {name: ops.tolist() for name, ops in operations.items()} == {
         "conv1": [24, 0],
@@ -289,6 +290,22 @@ def test_a_checkpoint_from_before_a_model_key_is_evaluated_as_one_that_has_it(
     original = evaluate_checkpoint(eval_config([f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", "batch_size=10"]))
     assert report["accuracy"] == original["accuracy"] and report["loss"] == original["loss"]
     assert report["spikes_per_sample"] == original["spikes_per_sample"] > 0
+
+
+@pytest.mark.slow
+def test_snn_eval_reports_the_same_on_the_cpu_kernels_as_on_the_torch_kernels(run_dir: Path, tmp_path: Path) -> None:
+    """compile=true (the default) evaluates on lif_cpu's C++ kernels, compile=false on the eager torch kernels, which
+    need no compiler; where the build fails, compile=true is one error line naming the way out (in a process of its
+    own: a build folder changed within a process makes torch rebuild the kernels there, and then in every other)."""
+    compiled = evaluate_checkpoint(eval_config([f"checkpoint={run_dir}", "compile=true"]))
+    eager = evaluate_checkpoint(eval_config([f"checkpoint={run_dir}", "compile=false"]))
+    assert eager == compiled and compiled["spikes_per_sample"] > 0
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": str(tmp_path / "no-compiler")}
+    command = ["snn-eval", f"checkpoint={run_dir}", "device=cpu"]
+    failed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert failed.returncode == 2 and failed.stderr.count("\n") == 1, failed.stderr
+    assert failed.stderr.startswith("snn-eval: error: compile=true builds the CPU LIF kernels with a C++ compiler")
+    assert failed.stderr.endswith("; install them, or use compile=false\n")
 
 
 def test_errors_a_user_can_cause_exit_2_with_one_line(run_dir: Path, tmp_path: Path, capsys) -> None:

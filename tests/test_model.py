@@ -13,7 +13,7 @@ from torch import nn
 
 from snn_train import ConvSNN, LIFParameters, LIParameters
 from snn_train.model import LIF, convolve_over_time, dropout_over_time
-from snn_train.neurons import lif_sequence_reference
+from snn_train.neurons import lif_sequence_reference, max_pool_over_time
 
 
 def seed_network() -> ConvSNN:
@@ -224,6 +224,21 @@ def test_traces_without_voltages_hold_the_same_spikes() -> None:
     for name, layer in without_voltage.items():
         assert layer.voltage is None and with_voltage[name].voltage is not None
         assert torch.equal(layer.spikes, with_voltage[name].spikes)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_traces_events_are_what_each_layer_sends_on(compiled: bool) -> None:
+    """A conv layer sends on its spikes max-pooled (its 5×5 map pooled to 2×2 drops the last row and column), an fc
+    layer its spikes: what the synaptic operations are counted from."""
+    torch.manual_seed(3)
+    model, trace = small_network(compiled=compiled), {}
+    with torch.no_grad():
+        model(torch.rand(4, 3, 1, 16, 16) * 8, trace, record_voltage=False)
+    assert trace["conv2"].spikes.shape[-2:] == (5, 5) and trace["conv2"].events.shape[-2:] == (2, 2)
+    for name in ("conv1", "conv2"):
+        assert torch.equal(trace[name].events, max_pool_over_time(trace[name].spikes, 2)), name
+        assert trace[name].events.sum() > 0, name
+    assert torch.equal(trace["fc1"].events, trace["fc1"].spikes) and trace["fc1"].events.sum() > 0
 
 
 @pytest.mark.parametrize("compiled", [False, True])
