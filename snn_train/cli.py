@@ -9,6 +9,7 @@ has composed a config: ``--help`` and each TAB of shell completion start without
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from importlib import import_module
 from pathlib import Path
@@ -22,6 +23,12 @@ from snn_train.app import run_app
 from snn_train.errors import reported
 from snn_train.launch import several_processes
 from snn_train.schema import Config, EvalConfig, ExportConfig
+
+
+def user_path(path: str) -> str:
+    """A path as the user typed it, relative to the folder they ran the command in, made absolute and normalised:
+    ``../shared/data`` typed in /work/main is /work/shared/data in the run's config and the reports."""
+    return os.path.normpath(to_absolute_path(path))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -38,9 +45,9 @@ def run(cfg: Config) -> float:
         validate(cfg)
         from snn_train.train import fit  # the training code once the config is checked: a bad value is told sooner
 
-        cfg.data.root = to_absolute_path(cfg.data.root)
+        cfg.data.root = user_path(cfg.data.root)
         if cfg.train.resume is not None:
-            cfg.train.resume = to_absolute_path(cfg.train.resume)
+            cfg.train.resume = user_path(cfg.train.resume)
         with distributed.process_group():
             if not distributed.is_main():
                 logging.getLogger().handlers.clear()  # rank 0 logs the run, to the console and cli.log
@@ -82,9 +89,9 @@ def run_eval(cfg: EvalConfig) -> float:
         validate_eval(cfg)
         from snn_train.report import evaluate_checkpoint, format_report  # once the config is checked, as in run
 
-        cfg.checkpoint = to_absolute_path(cfg.checkpoint)
+        cfg.checkpoint = user_path(cfg.checkpoint)
         if not OmegaConf.is_missing(cfg.data, "root"):
-            cfg.data.root = to_absolute_path(cfg.data.root)
+            cfg.data.root = user_path(cfg.data.root)
         report = evaluate_checkpoint(cfg)
     print(format_report(report))
     return report["accuracy"]
@@ -105,9 +112,9 @@ def run_export(cfg: ExportConfig) -> None:
         from snn_train.export import export_checkpoint  # once the config is checked, as in run
         from snn_train.export import format_report as format_export_report
 
-        cfg.checkpoint = to_absolute_path(cfg.checkpoint)
+        cfg.checkpoint = user_path(cfg.checkpoint)
         if cfg.out is not None:
-            cfg.out = to_absolute_path(cfg.out)
+            cfg.out = user_path(cfg.out)
         report = export_checkpoint(cfg)
     print(format_export_report(report))
 

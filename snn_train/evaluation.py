@@ -29,6 +29,14 @@ def per_class_accuracy(matrix: torch.Tensor) -> list[float | None]:
     return [None if total == 0 else (matrix[k, k] / total).item() for k, total in enumerate(totals)]
 
 
+def spike_count(spikes: torch.Tensor) -> torch.Tensor:
+    """The number of spikes (each 0 or 1) in [T, B, ...], as a float64 scalar: each sample's spikes at each step summed
+    in float32, then those sums in float64. Exact for layers of fewer than 2²⁴ neurons (a float32 sum of 0s and 1s is
+    exact up to 2²⁴); on float32 spikes several times as fast as count_nonzero, which cost more than half as much as
+    running the layers' kernels."""
+    return spikes.sum(dim=tuple(range(2, spikes.dim())), dtype=torch.float32).sum(dtype=torch.float64)
+
+
 @dataclass
 class TestCounts:
     """Sums over a split: the confusion matrix, the loss, and each LIF layer's spikes and synaptic operations."""
@@ -101,7 +109,7 @@ def evaluate(
             sums[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
             operations = model.synaptic_operations(trace)
             for n, name in enumerate(layers):
-                sums[1 + n] += torch.count_nonzero(trace[name].spikes)  # spikes are 0 or 1: their sum, exact
+                sums[1 + n] += spike_count(trace[name].spikes)
                 sums[1 + len(layers) + n] += operations[name].sum(dtype=torch.float64)
                 neurons[name] = trace[name].spikes[0, 0].numel()
     model.train(training)

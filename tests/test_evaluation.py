@@ -17,7 +17,7 @@ from snn_train.cli import run_eval
 from snn_train.config import compose
 from snn_train.data import load_split, to_unit_interval
 from snn_train.encoders import build_encoder
-from snn_train.evaluation import confusion_matrix, per_class_accuracy
+from snn_train.evaluation import confusion_matrix, per_class_accuracy, spike_count
 from snn_train.model import LayerTrace, conv_fan_out
 from snn_train.report import evaluate_checkpoint
 from snn_train.train import fit
@@ -64,6 +64,17 @@ def test_confusion_matrix_and_per_class_accuracy_match_a_hand_count() -> None:
     matrix = confusion_matrix(labels, predictions, 4)
     assert matrix.tolist() == [[1, 1, 0, 0], [1, 2, 0, 0], [0, 0, 1, 1], [0, 0, 0, 0]]
     assert per_class_accuracy(matrix) == pytest.approx([1 / 2, 2 / 3, 1 / 2, None])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_spike_count_is_the_number_of_spikes_in_any_layout_and_precision(dtype: torch.dtype) -> None:
+    """Spikes as the layers make them: a conv layer's channels-last, an fc layer's where every neuron spikes (1 024 per
+    sample and step, beyond what bfloat16 counts exactly: 256)."""
+    generator = torch.Generator().manual_seed(0)
+    conv = (torch.rand(3 * 2, 32, 6, 6, generator=generator) < 0.3).to(dtype)
+    conv = conv.contiguous(memory_format=torch.channels_last).unflatten(0, (3, 2))
+    assert spike_count(conv).item() == int((conv == 1).sum())
+    assert spike_count(torch.ones(3, 2, 1024, dtype=dtype)).item() == 3 * 2 * 1024
 
 
 def test_conv_fan_out_counts_the_output_windows_covering_each_input() -> None:
@@ -191,10 +202,13 @@ def test_a_run_folder_without_best_pt_means_its_last_pt(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_snn_eval_as_a_new_user_types_it_finds_the_data_in_another_folder(run_dir: Path, tmp_path: Path) -> None:
+    """The data beside the folder the user works in, as ../shared/data is beside a clone: the report names it as it
+    is, without the detour."""
     make_mnist(tmp_path / "downloads")
+    (tmp_path / "work").mkdir()
     result = subprocess.run(
-        ["snn-eval", f"checkpoint={run_dir}", "data.root=downloads", "device=cpu"],
-        cwd=tmp_path,
+        ["snn-eval", f"checkpoint={run_dir}", "data.root=../downloads", "device=cpu"],
+        cwd=tmp_path / "work",
         capture_output=True,
         text=True,
         timeout=300,
