@@ -318,7 +318,8 @@ def peak_rss_mb() -> float:
 
 
 def time_variant(variant: str, args: argparse.Namespace) -> dict[str, float]:
-    """Median training-step time (forward, backward, Adam) and peak memory, in this process."""
+    """Median training-step time (forward, backward, Adam) and the peak memory of the training steps, in this process
+    (taken before snn_train_fp32's inference and evaluation figures, whose larger batches would set it instead)."""
     torch.manual_seed(0)
     device = torch.device(args.device)
     model, loss_fn, bf16 = build(variant, args)
@@ -351,6 +352,7 @@ def time_variant(variant: str, args: argparse.Namespace) -> dict[str, float]:
     result["page_faults_per_step"] = (
         resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults[args.warmup]
     ) / args.steps
+    result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb()
     if device.type == "cuda":
         result["cuda_kernels_per_step"] = cuda_kernels_per_step(step)
     if variant == "snn_train_fp32":
@@ -365,7 +367,6 @@ def time_variant(variant: str, args: argparse.Namespace) -> dict[str, float]:
             sync()
         result["inference_samples_per_s"] = args.steps * args.batch_size / (time.perf_counter() - start)
         result["evaluation_samples_per_s"] = evaluation_samples_per_s(model, args, device)
-    result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb()
     return result
 
 

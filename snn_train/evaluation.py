@@ -29,14 +29,6 @@ def per_class_accuracy(matrix: torch.Tensor) -> list[float | None]:
     return [None if total == 0 else (matrix[k, k] / total).item() for k, total in enumerate(totals)]
 
 
-def spike_count(spikes: torch.Tensor) -> torch.Tensor:
-    """The number of spikes (each 0 or 1) in [T, B, ...], as a float64 scalar: each sample's spikes at each step summed
-    in float32, then those sums in float64. Exact for layers of fewer than 2²⁴ neurons (a float32 sum of 0s and 1s is
-    exact up to 2²⁴); on float32 spikes several times as fast as count_nonzero, which cost more than half as much as
-    running the layers' kernels."""
-    return spikes.sum(dim=tuple(range(2, spikes.dim())), dtype=torch.float32).sum(dtype=torch.float64)
-
-
 @dataclass
 class TestCounts:
     """Sums over a split: the confusion matrix, the loss, and each LIF layer's spikes and synaptic operations."""
@@ -86,8 +78,9 @@ def evaluate(
     precision: str,
     seed: int,
 ) -> TestCounts:
-    """Run the split (or its first ``limit`` batches) through the network in eval mode, every layer traced, each rank
-    taking its share of each batch; the counts are summed over the ranks.
+    """Run the split (or its first ``limit`` batches) through the network in eval mode, every layer's spikes counted
+    and its events traced (``keep_spikes=False``: one kernel run per layer), each rank taking its share of each batch;
+    the counts are summed over the ranks.
 
     The encoder's noise is drawn from torch seeded with ``seed`` (train.seed), aside from the random states: the
     figures depend on the weights alone (every validation sees the same input, snn-eval the training run's), and
@@ -104,14 +97,14 @@ def evaluate(
             encoded, labels = encoded_shard(encoder, split, index)
             trace: dict[str, LayerTrace] = {}
             with autocast(labels.device, precision):
-                logits = decode(model(encoded, trace, record_voltage=False), decoder)
+                logits = decode(model(encoded, trace, record_voltage=False, keep_spikes=False), decoder)
             confusion += confusion_matrix(labels, logits.argmax(1), num_classes)
             sums[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
             operations = model.synaptic_operations(trace)
             for n, name in enumerate(layers):
-                sums[1 + n] += spike_count(trace[name].spikes)
+                sums[1 + n] += trace[name].spike_count
                 sums[1 + len(layers) + n] += operations[name].sum(dtype=torch.float64)
-                neurons[name] = trace[name].spikes[0, 0].numel()
+                neurons[name] = trace[name].neurons
     model.train(training)
     distributed.sum_over_ranks(confusion)
     loss_sum, *per_layer = distributed.sum_over_ranks(sums).tolist()

@@ -235,36 +235,51 @@ inline void unpool_block(const Layout& g, const S* pre, S v_th, const In* grad_p
     }
 }
 
-// Spikes [T, N], or with pooling [T, N/p²], and post-reset voltages [T, N] if Record.
+// The number of spikes among a block's len values z (each 0 or 1) at one step.
+template <typename S>
+inline double block_spikes(const S* z, int64_t len) {
+    double sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t k = 0; k < len; ++k) sum += static_cast<double>(z[k]);
+    return sum;
+}
+
+// Spikes [T, N], or with pooling [T, N/p²], and post-reset voltages [T, N] if Record; if ``count`` is not null, the
+// number of spikes made (before pooling) added to it.
 template <bool Record, typename In, typename S>
 void forward(const In* currents, int64_t step_stride, int64_t T, const Layout& g, In* spikes, S* voltages,
-             const Constants<S>& c, int threads) {
+             double* count, const Constants<S>& c, int threads) {
     const int64_t blocks = g.blocks(), N = g.N, outputs = g.pool == 1 ? N : g.pooled();
     const int64_t per_block = g.pool == 1 ? g.block_length() : g.pooled_per_block();
     const int64_t L = g.block_length();
+    const int threads_used = threads_for(blocks, threads);
+    std::vector<double> counts(threads_used);  // each thread's spikes
     const auto carve = [&](Slab& slab) {  // v, i, spikes z of a block; scratch for pooling
         return std::make_tuple(slab.take<S>(L), slab.take<S>(L), slab.take<S>(L), slab.take<int32_t>(g.inner));
     };
-    in_parallel(threads_for(blocks, threads), carve, [&](Slab& slab) {
+    in_parallel(threads_used, carve, [&](Slab& slab) {
         const auto [v, i, z, any] = carve(slab);
+        double& counted = counts[omp_get_thread_num()];
 #pragma omp for schedule(static)
         for (int64_t block = 0; block < blocks; ++block) {
-            const int64_t n0 = g.start(block);
+            const int64_t n0 = g.start(block), len = g.length(block);
             In* out = spikes + block * per_block;
             S* u = voltages + n0;
             const S v_th = c.v_th;
             run_block(
-                currents, step_stride, T, n0, g.length(block), c, v, i,
+                currents, step_stride, T, n0, len, c, v, i,
                 [&](int64_t t, int64_t k, S pre, S, S post) {
                     z[k] = pre > v_th ? S(1) : S(0);
                     if constexpr (Record) u[t * N + k] = post;
                 },
                 [&](int64_t t) {
+                    if (count) counted += block_spikes(z, len);
                     if (g.pool > 1) return pool_block(g, z, out + t * outputs, any);
-                    for (int64_t k = 0; k < g.length(block); ++k) store(out[t * outputs + k], z[k]);
+                    for (int64_t k = 0; k < len; ++k) store(out[t * outputs + k], z[k]);
                 });
         }
     });
+    if (count) *count += std::accumulate(counts.begin(), counts.end(), 0.0);
 }
 
 // The currents' gradient [T, N], or with SumOverTime [N] (its sum over the steps: the gradient of a step repeated at
@@ -389,11 +404,12 @@ void with_types(int dtype, Run run) {
 extern "C" {
 
 // Spikes [T, N] (the currents' dtype) or, with pool > 1, max-pooled spikes [T, N/pool²], and, if ``voltages`` is not
-// null, post-reset voltages [T, N] (float32, or float64 for float64 currents). Step t's currents start at
-// currents + t·step_stride (0: the same every step); a step's N values are [outer, H, W, inner] in memory.
+// null, post-reset voltages [T, N] (float32, or float64 for float64 currents); if ``count`` is not null, the number
+// of spikes (before pooling) added to it. Step t's currents start at currents + t·step_stride (0: the same every
+// step); a step's N values are [outer, H, W, inner] in memory.
 void lif_forward(int dtype, const void* currents, int64_t step_stride, int64_t T, int64_t N, int64_t W,
-                 int64_t inner, int64_t pool, void* spikes, void* voltages, double a, double b, double v_leak,
-                 double v_th, double v_reset, int threads) {
+                 int64_t inner, int64_t pool, void* spikes, void* voltages, double* count, double a, double b,
+                 double v_leak, double v_th, double v_reset, int threads) {
     const Layout g{N, W, inner, pool};
     with_types(dtype, [&](auto in, auto state) {
         using In = decltype(in);
@@ -401,8 +417,8 @@ void lif_forward(int dtype, const void* currents, int64_t step_stride, int64_t T
         const auto c = constants<S>(a, b, v_leak, v_th, v_reset, 0);
         const auto* x = static_cast<const In*>(currents);
         auto* out = static_cast<In*>(spikes);
-        if (voltages) return forward<true>(x, step_stride, T, g, out, static_cast<S*>(voltages), c, threads);
-        forward<false>(x, step_stride, T, g, out, static_cast<S*>(nullptr), c, threads);
+        if (voltages) return forward<true>(x, step_stride, T, g, out, static_cast<S*>(voltages), count, c, threads);
+        forward<false>(x, step_stride, T, g, out, static_cast<S*>(nullptr), count, c, threads);
     });
 }
 

@@ -87,7 +87,7 @@ def library() -> ctypes.CDLL:
             is_python_module=False,
         )
     lib = ctypes.CDLL(path)
-    lib.lif_forward.argtypes = [_INT, _POINTER, *[_INT64] * 6, _POINTER, _POINTER, *[_DOUBLE] * 5, _INT]
+    lib.lif_forward.argtypes = [_INT, _POINTER, *[_INT64] * 6, *[_POINTER] * 3, *[_DOUBLE] * 5, _INT]
     lib.lif_backward.argtypes = [
         *[_INT, _POINTER, _INT64, _POINTER, *[_INT64] * 6, _INT, _POINTER],
         *[_DOUBLE] * 6,
@@ -113,11 +113,16 @@ def _rates(p: LIFParameters) -> tuple[float, float, float, float, float]:
 
 
 def forward(
-    steps: torch.Tensor, p: LIFParameters, record_voltage: bool, pooling: Pooling = NO_POOLING
+    steps: torch.Tensor,
+    p: LIFParameters,
+    record_voltage: bool,
+    pooling: Pooling = NO_POOLING,
+    count: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Spikes [T, N] in the currents' dtype (max-pooled, [T, N/p²], with ``pooling``) and, if asked, post-reset
     voltages [T, N] in the state's precision, for ``steps`` [T, ...]: each step dense in memory (its own stride over T,
-    0 for an input repeated over time)."""
+    0 for an input repeated over time). ``count``, a float64 scalar, gets the number of spikes (before pooling) added,
+    counted as they are made."""
     T, N = len(steps), steps[0].numel()
     spikes = torch.empty(T, N // pooling.size**2, dtype=steps.dtype)
     voltages = torch.empty(T, N, dtype=state_dtype(steps.dtype)) if record_voltage else None
@@ -132,6 +137,7 @@ def forward(
         pooling.size,
         spikes.data_ptr(),
         None if voltages is None else voltages.data_ptr(),
+        None if count is None else count.data_ptr(),
         *_rates(p),
         torch.get_num_threads(),
     )

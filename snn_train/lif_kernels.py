@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from snn_train.neurons import LIFParameters, lif_sequence, max_pool_over_time
+from snn_train.neurons import LIFParameters, lif_sequence, max_pool_over_time, spike_count
 
 
 @functools.cache
@@ -53,10 +53,10 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or (os.environ.get("TRITON_INTERPRET") == "1" and interpreter_defect() is None)
 
 
-# (currents, p, record_voltage, compiled, tau_mem_inv, v_th, pool) → (spikes, max-pooled if pool > 1, and voltages or
-# None), as neurons.lif_sequence
+# (currents, p, record_voltage, compiled, tau_mem_inv, v_th, pool, count) → (spikes, max-pooled if pool > 1, and
+# voltages or None), the number of spikes added to count if given, as neurons.lif_sequence
 LIFKernel = Callable[
-    [torch.Tensor, LIFParameters, bool, bool, torch.Tensor | None, torch.Tensor | None, int],
+    [torch.Tensor, LIFParameters, bool, bool, torch.Tensor | None, torch.Tensor | None, int, torch.Tensor | None],
     tuple[torch.Tensor, torch.Tensor | None],
 ]
 
@@ -69,12 +69,15 @@ def _triton(
     tau_mem_inv: torch.Tensor | None,
     v_th: torch.Tensor | None,
     pool: int = 1,
+    count: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """triton_lif.lif_sequence_triton: one forward and one backward launch (``compiled`` does not apply), then the
-    pooling."""
+    count and the pooling."""
     from snn_train.triton_lif import lif_sequence_triton  # Triton is optional: imported only where it runs
 
     spikes, voltages = lif_sequence_triton(currents, p, record_voltage, tau_mem_inv, v_th)
+    if count is not None:
+        count += spike_count(spikes.detach())
     return max_pool_over_time(spikes, pool), voltages
 
 

@@ -17,13 +17,15 @@ from snn_train.schema import ModelConfig
 
 @dataclass
 class LayerTrace:
-    """What one LIF layer did over a sequence, [T, B, ...], detached: its spikes, the events it sends on (a conv
-    layer's spikes max-pooled, one per pooling window with a spike; an fc layer's spikes) and, if recorded, its membrane
-    voltages."""
+    """What one LIF layer did over a sequence, [T, B, ...], detached: its spikes (unless only counted), the events it
+    sends on (a conv layer's spikes max-pooled, one per pooling window with a spike; an fc layer's spikes), if recorded
+    its membrane voltages, the number of its spikes and its neurons per sample."""
 
-    spikes: torch.Tensor
+    spikes: torch.Tensor | None
     events: torch.Tensor
     voltage: torch.Tensor | None
+    spike_count: torch.Tensor  # float64 scalar: spikes over all steps and samples
+    neurons: int
 
 
 class LIF(nn.Module):
@@ -61,21 +63,27 @@ class LIF(nn.Module):
         name: str = "",
         record_voltage: bool = True,
         pool: int = 1,
+        keep_spikes: bool = True,
     ) -> torch.Tensor:
         """Spikes [T, B, ...], max-pooled over pool×pool windows of the last two dims if ``pool`` > 1 (a conv layer's;
-        by the kernel itself where it can); with ``trace``, records the full spikes (and voltages if asked) under
-        ``name``.
+        by the kernel itself where it can); with ``trace``, records under ``name`` the spike count and, if asked, the
+        full spikes and voltages.
 
-        The output always comes from the pooled kernel; a trace runs the forward kernel once more, unpooled and without
-        autograd (the same arithmetic, so the same spikes): far cheaper than pooling the full spikes and
-        back-propagating through that pooling, which made a logged training step half again as slow as another.
+        The output always comes from the pooled kernel, which also counts the spikes. Full spikes or voltages take a
+        second run of the forward kernel, unpooled and without autograd (the same arithmetic, so the same spikes): far
+        cheaper than pooling the full spikes and back-propagating through that pooling, which made a logged training
+        step half again as slow as another. Counting alone (``keep_spikes=False``, as evaluation does) needs no second
+        run.
         """
         run, tau_mem_inv = KERNELS[self.kernel](currents), self.tau_mem_inv()
-        spikes = run(currents, self.p, False, self.compiled, tau_mem_inv, self.v_th, pool)[0]
+        count = None if trace is None else torch.zeros((), dtype=torch.float64, device=currents.device)
+        spikes = run(currents, self.p, False, self.compiled, tau_mem_inv, self.v_th, pool, count)[0]
         if trace is not None:
-            with torch.no_grad():
-                full, voltage = run(currents, self.p, record_voltage, self.compiled, tau_mem_inv, self.v_th)
-            trace[name] = LayerTrace(full, spikes.detach(), voltage)
+            full, voltage = None, None
+            if keep_spikes or record_voltage:
+                with torch.no_grad():
+                    full, voltage = run(currents, self.p, record_voltage, self.compiled, tau_mem_inv, self.v_th)
+            trace[name] = LayerTrace(full, spikes.detach(), voltage, count, currents[0, 0].numel())
         return spikes
 
     def extra_repr(self) -> str:
@@ -256,15 +264,20 @@ class ConvSNN(nn.Module):
         return operations
 
     def forward(
-        self, x: torch.Tensor, trace: dict[str, LayerTrace] | None = None, record_voltage: bool = True
+        self,
+        x: torch.Tensor,
+        trace: dict[str, LayerTrace] | None = None,
+        record_voltage: bool = True,
+        keep_spikes: bool = True,
     ) -> torch.Tensor:
-        """Readout voltages [T, B, classes] for input [T, B, C, H, W]; fills ``trace`` (with voltages if asked) if
-        given."""
+        """Readout voltages [T, B, classes] for input [T, B, C, H, W]; fills ``trace`` if given (with the full spikes
+        and the voltages as asked: ``LIF.forward``)."""
         h = x
         for n, (conv, norm, scale, lif) in enumerate(zip(self.convs, self.norms, self.conv_scales, self.conv_lifs)):
-            h = lif(convolve_over_time(conv, norm, h, scale), trace, f"conv{n + 1}", record_voltage, self.pool_size)
+            currents = convolve_over_time(conv, norm, h, scale)
+            h = lif(currents, trace, f"conv{n + 1}", record_voltage, self.pool_size, keep_spikes)
         h = h.flatten(2)
         for n, (fc, norm, lif) in enumerate(zip(self.fcs, self.fc_norms, self.fc_lifs)):
             currents = normalised_over_time(norm, fc(dropout_over_time(h, self.dropout, self.training)))
-            h = lif(currents, trace, f"fc{n + 1}", record_voltage)
+            h = lif(currents, trace, f"fc{n + 1}", record_voltage, keep_spikes=keep_spikes)
         return self.readout(self.readout_linear(dropout_over_time(h, self.dropout, self.training)))

@@ -13,6 +13,7 @@ from snn_train.neurons import (
     li_sequence_reference,
     lif_sequence,
     lif_sequence_reference,
+    max_pool_over_time,
 )
 from snn_train.surrogates import SURROGATES
 
@@ -128,6 +129,27 @@ def test_any_memory_layout_gives_the_contiguous_result(layout: str) -> None:
     assert relative_error(voltages, ref_voltages) <= 1e-5
     assert relative_error(grad, ref_grad) <= 1e-5
     assert 0 < spikes.mean() < 1
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["torch", "cpu"])  # compiled on the CPU: lif_cpu's kernels
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])  # lif_cpu pools the first itself
+@pytest.mark.parametrize("pool", [1, 2])
+def test_the_count_added_is_the_number_of_spikes_before_pooling(
+    pool: int, layout: str, compiled: bool, grad: bool
+) -> None:
+    p = LIFParameters(**PARAMETERS[1], surrogate="super", alpha=100.0)
+    torch.manual_seed(pool)
+    currents = torch.rand(5 * 3, 16, 6, 8) * 3
+    if layout == "channels_last":
+        currents = currents.contiguous(memory_format=torch.channels_last)
+    currents = currents.unflatten(0, (5, 3)).requires_grad_(grad)
+    count = torch.full((), 7.0, dtype=torch.float64)  # added to, not overwritten
+    spikes = lif_sequence(currents, p, compiled=compiled, pool=pool, count=count)[0]
+    reference = lif_sequence_reference(currents.detach(), p)[0]
+    assert 0 < reference.mean() < 1
+    assert torch.equal(spikes, max_pool_over_time(reference, pool))
+    assert count.item() == 7 + reference.sum().item()
 
 
 def test_inference_path_gives_the_training_path_outputs() -> None:

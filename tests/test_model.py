@@ -242,6 +242,25 @@ def test_a_traces_events_are_what_each_layer_sends_on(compiled: bool) -> None:
 
 
 @pytest.mark.parametrize("compiled", [False, True])
+def test_a_counting_trace_has_the_full_traces_counts_and_events_without_its_spikes(compiled: bool) -> None:
+    """What evaluation asks for (``keep_spikes=False``): each layer's spike count, its neurons and its events, from
+    one kernel run per layer; the count is of all its spikes, those pooling drops (conv2's last row and column)
+    included."""
+    torch.manual_seed(3)
+    model, full, counted = small_network(compiled=compiled), {}, {}
+    x = torch.rand(4, 3, 1, 16, 16) * 8
+    with torch.no_grad():
+        assert torch.equal(model(x, counted, record_voltage=False, keep_spikes=False), model(x, full))
+    for name, layer in full.items():
+        assert counted[name].spikes is None and counted[name].voltage is None, name
+        assert torch.equal(counted[name].events, layer.events), name
+        assert counted[name].spike_count.dtype == torch.float64, name
+        assert counted[name].spike_count.item() == layer.spike_count.item() == layer.spikes.sum().item() > 0, name
+        assert counted[name].neurons == layer.neurons == layer.spikes[0, 0].numel(), name
+    assert full["conv2"].spikes[..., 4, :].sum() > 0  # spikes the pooled events leave out, but the count has
+
+
+@pytest.mark.parametrize("compiled", [False, True])
 def test_a_traced_step_trains_as_an_untraced_one_and_records_the_reference_spikes(compiled: bool) -> None:
     """Logging steps trace the network: their output and gradients must be those of any other step, and the recorded
     full (unpooled) spikes those of the step-by-step reference on the layer's currents."""

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from snn_train.neurons import LIFParameters, LIParameters, li_sequence, lif_sequence, lif_step
+from snn_train.neurons import LIFParameters, LIParameters, li_sequence, lif_sequence, lif_step, spike_count
 from snn_train.surrogates import spike
 
 NORSE_LIF = dict(tau_syn_inv=200.0, tau_mem_inv=100.0, v_leak=0.0, v_th=1.0, v_reset=0.0, dt=1e-3)
@@ -107,3 +107,14 @@ def test_gradient_flows_through_time_to_earlier_inputs() -> None:
     spikes, _ = lif_sequence(currents, lif(surrogate="super", alpha=10.0))
     spikes[-1].sum().backward()
     assert (currents.grad[:-1] > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_spike_count_is_the_number_of_spikes_in_any_layout_and_precision(dtype: torch.dtype) -> None:
+    """Spikes as the layers make them: a conv layer's channels-last, an fc layer's where every neuron spikes (1 024 per
+    sample and step, beyond what bfloat16 counts exactly: 256)."""
+    generator = torch.Generator().manual_seed(0)
+    conv = (torch.rand(3 * 2, 32, 6, 6, generator=generator) < 0.3).to(dtype)
+    conv = conv.contiguous(memory_format=torch.channels_last).unflatten(0, (3, 2))
+    assert spike_count(conv).item() == int((conv == 1).sum())
+    assert spike_count(torch.ones(3, 2, 1024, dtype=dtype)).item() == 3 * 2 * 1024

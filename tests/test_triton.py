@@ -12,7 +12,7 @@ from snn_train import ConvSNN, LIFParameters, LIParameters, load_config
 from snn_train.errors import ConfigError
 from snn_train.lif_kernels import interpreter_defect, interpreter_defect_of, triton_runs_on
 from snn_train.model import convolve_over_time
-from snn_train.neurons import lif_sequence_reference
+from snn_train.neurons import lif_sequence_reference, max_pool_over_time
 from snn_train.surrogates import SURROGATES
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -109,6 +109,18 @@ def test_one_learned_value_alone(name: str) -> None:
     currents = currents_of(8, (3, 5700), seed=2)
     learned = {name: torch.tensor(value, device=DEVICE, requires_grad=True)}
     assert_matches(*both(currents, parameters("super"), upstream_of(currents, one_sign=True), **learned))
+
+
+def test_the_count_added_is_the_number_of_spikes_before_pooling() -> None:
+    from snn_train.lif_kernels import KERNELS
+
+    currents = currents_of(3, (2, 4, 6, 6))
+    count = torch.full((), 7.0, dtype=torch.float64, device=DEVICE)  # added to, not overwritten
+    pooled = KERNELS["triton"](currents)(currents, parameters("super"), False, False, None, None, 2, count)[0]
+    reference = lif_sequence_reference(currents, parameters("super"))[0]
+    assert 0 < reference.mean() < 1
+    assert torch.equal(pooled, max_pool_over_time(reference, 2))
+    assert count.item() == 7 + reference.sum().item()
 
 
 def test_a_single_time_step() -> None:
