@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from snn_train.neurons import LIFParameters, lif_sequence, max_pool_over_time, spike_count
+from snn_train.neurons import LIFParameters, counted_and_pooled, lif_sequence
 
 
 @functools.cache
@@ -76,9 +76,7 @@ def _triton(
     from snn_train.triton_lif import lif_sequence_triton  # Triton is optional: imported only where it runs
 
     spikes, voltages = lif_sequence_triton(currents, p, record_voltage, tau_mem_inv, v_th)
-    if count is not None:
-        count += spike_count(spikes.detach())
-    return max_pool_over_time(spikes, pool), voltages
+    return counted_and_pooled(spikes, pool, count), voltages
 
 
 # model.kernel → the LIF sequence function for these currents (``lif_sequence`` looked up when called)

@@ -27,6 +27,12 @@ class LayerTrace:
     spike_count: torch.Tensor  # float64 scalar: spikes over all steps and samples
     neurons: int
 
+    @property
+    def spike_rate(self) -> float:
+        """Spikes per neuron per step."""
+        steps, samples = self.events.shape[:2]
+        return self.spike_count.item() / (steps * samples * self.neurons)
+
 
 class LIF(nn.Module):
     """A layer of LIF neurons: input currents [T, B, ...] to spikes [T, B, ...] in one call.

@@ -347,9 +347,7 @@ def lif_sequence(
     else:
         p = _with_learned(p, tau_mem_inv, v_th)
         spikes, _, voltages, _ = _run_lif(currents, p, record_voltage, keep_pre_reset=False)
-    if count is not None:
-        count += spike_count(spikes.detach())
-    return max_pool_over_time(spikes, pool), voltages
+    return counted_and_pooled(spikes, pool, count), voltages
 
 
 def _lif_cpu(
@@ -376,6 +374,13 @@ def spike_count(spikes: torch.Tensor) -> torch.Tensor:
     in float32, then those sums in float64. Exact for layers of fewer than 2²⁴ neurons (a float32 sum of 0s and 1s is
     exact up to 2²⁴); on float32 spikes several times as fast as count_nonzero."""
     return spikes.sum(dim=tuple(range(2, spikes.dim())), dtype=torch.float32).sum(dtype=torch.float64)
+
+
+def counted_and_pooled(spikes: torch.Tensor, pool: int, count: torch.Tensor | None) -> torch.Tensor:
+    """A kernel's full spikes max-pooled (``max_pool_over_time``), their number added to ``count`` first, if given."""
+    if count is not None:
+        count += spike_count(spikes.detach())
+    return max_pool_over_time(spikes, pool)
 
 
 def max_pool_over_time(spikes: torch.Tensor, size: int) -> torch.Tensor:

@@ -75,7 +75,7 @@ class RunLogger:
         spike-count histograms (binning them costs more than a training step: not at every logged step)."""
         self.writer.add_scalar("SpikeRate/encoder", encoded.float().mean().item(), step)
         for name, layer in trace.items():
-            self.writer.add_scalar(f"SpikeRate/{name}", layer.spikes.float().mean().item(), step)
+            self.writer.add_scalar(f"SpikeRate/{name}", layer.spike_rate, step)
             if histograms:
                 self.histogram(step, f"Voltage/{name}", layer.voltage)
                 self.histogram(step, f"SpikeCount/{name}", layer.spikes.float().sum(0))  # per neuron and sample

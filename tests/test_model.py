@@ -257,6 +257,7 @@ def test_a_counting_trace_has_the_full_traces_counts_and_events_without_its_spik
         assert counted[name].spike_count.dtype == torch.float64, name
         assert counted[name].spike_count.item() == layer.spike_count.item() == layer.spikes.sum().item() > 0, name
         assert counted[name].neurons == layer.neurons == layer.spikes[0, 0].numel(), name
+        assert counted[name].spike_rate == pytest.approx(layer.spikes.double().mean().item(), rel=1e-12), name
     assert full["conv2"].spikes[..., 4, :].sum() > 0  # spikes the pooled events leave out, but the count has
 
 
