@@ -97,7 +97,8 @@ def train_step(
     logged, histograms = step % cfg.log.every_n_steps == 0, step % cfg.log.histogram_every_n_steps == 0
     trace: dict[str, LayerTrace] | None = {} if run.logger is not None and (logged or histograms) else None
     with autocast(labels.device, cfg.train.precision):
-        voltages = run.trained(encoded, trace, histograms)
+        # voltages and full spikes only for histograms: a logged step's spike rates come from the kernels' counts
+        voltages = run.trained(encoded, trace, record_voltage=histograms, keep_spikes=histograms)
         logits = decode(voltages, cfg.decoder)
     loss_sum = objective(voltages, logits, labels, cfg.loss)
     sums = distributed.sum_over_ranks(

@@ -142,6 +142,27 @@ def loss_cfg(per_step: bool, label_smoothing: float = 0.0):
     return OmegaConf.create({"per_step": per_step, "label_smoothing": label_smoothing})
 
 
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_a_logged_spike_rate_is_the_mean_of_the_spikes_the_histogram_steps_keep(
+    compiled: bool, tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    """Every logged step's spike rate comes from the kernels' count; on a histogram step, where the full spikes are
+    kept too, it is their mean per neuron and step (conv2's and fc1's histograms hold every sample's spike count per
+    neuron here, fewer than HISTOGRAM_SAMPLE values)."""
+    overrides = [*tiny_overrides, *LEARNING, "train.limit_batches=4", f"train.compile={str(compiled).lower()}"]
+    fit(load_config(overrides), tmp_path)  # log.every_n_steps=1, log.histogram_every_n_steps=2
+    events = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})
+    events.Reload()
+    for layer in ("conv2", "fc1"):
+        rates = {scalar.step: scalar.value for scalar in events.Scalars(f"SpikeRate/{layer}")}
+        assert list(rates) == [1, 2, 3, 4] and rates[2] > 0 and rates[4] > 0
+        counts = events.Histograms(f"SpikeCount/{layer}")
+        assert [count.step for count in counts] == [2, 4]
+        for count in counts:
+            mean = count.histogram_value.sum / count.histogram_value.num / 8  # seq_length=8
+            assert rates[count.step] == pytest.approx(mean, rel=1e-6)
+
+
 def test_per_step_loss_is_the_mean_over_time_of_each_steps_cross_entropy() -> None:
     torch.manual_seed(0)
     voltages, labels = torch.randn(5, 7, 10), torch.randint(0, 10, (7,))
