@@ -78,8 +78,8 @@ class LIF(nn.Module):
         The output always comes from the pooled kernel, which also counts the spikes. Full spikes or voltages take a
         second run of the forward kernel, unpooled and without autograd (the same arithmetic, so the same spikes): far
         cheaper than pooling the full spikes and back-propagating through that pooling, which made a logged training
-        step half again as slow as another. Counting alone (``keep_spikes=False``, as evaluation does) needs no second
-        run.
+        step half again as slow as another. Counting alone (``keep_spikes=False`` without voltages, as evaluation and
+        logged training steps that bin no histograms ask) needs no second run.
         """
         run, tau_mem_inv = KERNELS[self.kernel](currents), self.tau_mem_inv()
         count = None if trace is None else torch.zeros((), dtype=torch.float64, device=currents.device)

@@ -10,7 +10,7 @@ import torch
 
 from snn_train import ConvSNN, LIFParameters, LIParameters, load_config
 from snn_train.errors import ConfigError
-from snn_train.lif_kernels import interpreter_defect, interpreter_defect_of, triton_runs_on
+from snn_train.lif_kernels import KERNELS, interpreter_defect, interpreter_defect_of, triton_runs_on
 from snn_train.model import convolve_over_time
 from snn_train.neurons import lif_sequence_reference, max_pool_over_time
 from snn_train.surrogates import SURROGATES
@@ -112,8 +112,6 @@ def test_one_learned_value_alone(name: str) -> None:
 
 
 def test_the_count_added_is_the_number_of_spikes_before_pooling() -> None:
-    from snn_train.lif_kernels import KERNELS
-
     currents = currents_of(3, (2, 4, 6, 6))
     count = torch.full((), 7.0, dtype=torch.float64, device=DEVICE)  # added to, not overwritten
     pooled = KERNELS["triton"](currents)(currents, parameters("super"), False, False, None, None, 2, count)[0]
