@@ -9,6 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    # Each xdist worker gets its share of torch's default threads, for its own tensors and for the processes its tests
+    # start (the CLI, scripts, DDP ranks): two workers of two threads each on two cores spend their time waiting on one
+    # another's preempted threads. Tests of the kernels' threading set their own thread counts.
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+
 if not torch.cuda.is_available():
     # Without a GPU, Triton's interpreter runs the Triton LIF kernels on CPU tensors (tests/test_triton.py). It must be
     # set before snn_train.triton_lif defines them; torch.compile's CPU code is not affected by it.

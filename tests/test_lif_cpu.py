@@ -30,36 +30,47 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def layout(name: str) -> torch.Tensor:
-    """Currents [7, 3, 4, 5, 6] laid out as named."""
+    """Currents [7, 3, 4, 12, 12] laid out as named: 1 728 neurons a step, more of the kernels' blocks (512 neurons, or
+    a pooling window's rows) than the 3 threads of the test below."""
     torch.manual_seed(1)
     if name == "repeated_over_time":
-        return (torch.rand(3, 4, 5, 6) * 3).expand(7, -1, -1, -1, -1)
+        return (torch.rand(3, 4, 12, 12) * 3).expand(7, -1, -1, -1, -1)
     if name == "channels_last":
-        return torch.rand(21, 4, 5, 6).mul(3).contiguous(memory_format=torch.channels_last).unflatten(0, (7, 3))
-    return (torch.rand(7, 3, 4, 5, 12) * 3)[..., ::2]  # every other value: no step is dense
+        return torch.rand(21, 4, 12, 12).mul(3).contiguous(memory_format=torch.channels_last).unflatten(0, (7, 3))
+    return (torch.rand(7, 3, 4, 12, 24) * 3)[..., ::2]  # every other value: no step is dense
 
 
 @pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("pool", [1, 2])
 @pytest.mark.parametrize("name", ["channels_last", "repeated_over_time", "strided"])
-def test_any_layout_and_thread_count_gives_the_step_loops_results(name: str, threads: int) -> None:
+def test_any_layout_and_thread_count_gives_the_step_loops_results(name: str, pool: int, threads: int) -> None:
+    """Each thread takes whole blocks of neurons, and adds its spike count and its part of the learned values'
+    gradients to the other threads': the results are the step loop's at any thread count."""
     currents = layout(name).requires_grad_()
-    upstream = torch.randn(currents.shape)
+    values = {"tau_mem_inv": torch.tensor(250.0, requires_grad=True), "v_th": torch.tensor(0.8, requires_grad=True)}
+    inputs = [currents, *values.values()]
+    count = torch.zeros((), dtype=torch.float64)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        spikes, voltages = lif_sequence(currents, P, record_voltage=True, compiled=True)
-        (grad,) = torch.autograd.grad(spikes, currents, upstream)
+        spikes, voltages = lif_sequence(
+            currents, P, record_voltage=True, compiled=True, pool=pool, count=count, **values
+        )
+        upstream = torch.randn(spikes.shape)
+        grads = torch.autograd.grad(spikes, inputs, upstream)
     finally:
         torch.set_num_threads(previous)
     dense = currents.detach().contiguous().requires_grad_()
-    ref_spikes, ref_voltages = lif_sequence_reference(dense, P, record_voltage=True)
-    (ref_grad,) = torch.autograd.grad(ref_spikes, dense, upstream)
-    assert torch.equal(spikes, ref_spikes)
-    assert 0 < spikes.mean() < 1
+    ref_spikes, ref_voltages = lif_sequence_reference(dense, P, record_voltage=True, **values)
+    ref_grads = torch.autograd.grad(max_pool_over_time(ref_spikes, pool), [dense, *values.values()], upstream)
+    assert torch.equal(spikes, max_pool_over_time(ref_spikes, pool))
+    assert 0 < ref_spikes.mean() < 1
+    assert count.item() == ref_spikes.sum().item()
     assert relative_error(voltages, ref_voltages) <= 1e-5
-    assert relative_error(grad, ref_grad) <= 1e-5
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert relative_error(grad, ref_grad) <= 1e-5
     if name == "channels_last":
-        assert spikes.stride() == currents.stride()
+        assert spikes.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
