@@ -29,6 +29,11 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
 
 
+def learned_values() -> dict[str, torch.Tensor]:
+    """A learned τm⁻¹ and threshold (0-dim leaves, as the model's parameters), other than P's."""
+    return {"tau_mem_inv": torch.tensor(250.0, requires_grad=True), "v_th": torch.tensor(0.8, requires_grad=True)}
+
+
 def layout(name: str) -> torch.Tensor:
     """Currents [7, 3, 4, 12, 12] laid out as named: 1 728 neurons a step, more of the kernels' blocks (512 neurons, or
     a pooling window's rows) than the 3 threads of the test below."""
@@ -47,7 +52,7 @@ def test_any_layout_and_thread_count_gives_the_step_loops_results(name: str, poo
     """Each thread takes whole blocks of neurons, and adds its spike count and its part of the learned values'
     gradients to the other threads': the results are the step loop's at any thread count."""
     currents = layout(name).requires_grad_()
-    values = {"tau_mem_inv": torch.tensor(250.0, requires_grad=True), "v_th": torch.tensor(0.8, requires_grad=True)}
+    values = learned_values()
     inputs = [currents, *values.values()]
     count = torch.zeros((), dtype=torch.float64)
     previous = torch.get_num_threads()
@@ -69,8 +74,8 @@ def test_any_layout_and_thread_count_gives_the_step_loops_results(name: str, poo
     assert relative_error(voltages, ref_voltages) <= 1e-5
     for grad, ref_grad in zip(grads, ref_grads):
         assert relative_error(grad, ref_grad) <= 1e-5
-    if name == "channels_last":
-        assert spikes.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+    if name == "channels_last" and pool == 1:
+        assert spikes.stride() == currents.stride()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -79,7 +84,7 @@ def test_a_step_repeated_over_time_gets_the_step_loops_gradient_summed_over_time
     """The convolved direct-encoder input: an expanded view, whose step the kernel takes and differentiates itself."""
     torch.manual_seed(4)
     step = torch.rand(3, 8, 6, 12).contiguous(memory_format=torch.channels_last).to(dtype).requires_grad_()
-    values = {"tau_mem_inv": torch.tensor(250.0, requires_grad=True), "v_th": torch.tensor(0.8, requires_grad=True)}
+    values = learned_values()
     inputs = [step, *values.values()]
     spikes = lif_sequence(step.expand(7, -1, -1, -1, -1), P, compiled=True, pool=pool, **values)[0]
     upstream = torch.randn(spikes.shape).to(dtype)
@@ -125,7 +130,7 @@ def test_pooling_inside_the_kernel_gives_the_pooled_step_loop(name: str, pool: i
     made = POOLED_LAYOUTS[name]()
     currents = made.expand(6, -1, -1, -1, -1) if name == "repeated_over_time" else made.unflatten(0, (6, 3))
     currents = currents.detach().requires_grad_()
-    values = {"tau_mem_inv": torch.tensor(250.0, requires_grad=True), "v_th": torch.tensor(0.8, requires_grad=True)}
+    values = learned_values()
     values = values if learned else {}
     inputs = [currents, *values.values()]
     pooled = lif_sequence(currents, P, compiled=True, pool=pool, **values)[0]
