@@ -130,8 +130,7 @@ def test_pooling_inside_the_kernel_gives_the_pooled_step_loop(name: str, pool: i
     made = POOLED_LAYOUTS[name]()
     currents = made.expand(6, -1, -1, -1, -1) if name == "repeated_over_time" else made.unflatten(0, (6, 3))
     currents = currents.detach().requires_grad_()
-    values = learned_values()
-    values = values if learned else {}
+    values = learned_values() if learned else {}
     inputs = [currents, *values.values()]
     pooled = lif_sequence(currents, P, compiled=True, pool=pool, **values)[0]
     upstream = torch.randn(pooled.shape)
